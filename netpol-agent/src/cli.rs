@@ -1,0 +1,118 @@
+//! The command line. Commands and flags here are a contract other tools rely on: `apply`,
+//! `run`, `reset`, `dump` keep their names, flags and output formats.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::dataplane::{PinDir, BPFFS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netpol-agent",
+    version,
+    about = "eBPF dataplane for Kubernetes NetworkPolicy"
+)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `netpol_agent=debug`.
+    #[arg(long, global = true, env = "NETPOL_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Program the kernel from manifest files once; exit 0 when it reflects them.
+    Apply(ApplyArgs),
+    /// Program the kernel from manifest files, and again whenever they change.
+    Run(RunArgs),
+    /// Remove every program, link, pin and file this node's agent made.
+    Reset(NodeArgs),
+    /// Show what is programmed in the kernel, decoded.
+    Dump(DumpArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// This node's name: pods whose spec.nodeName matches are enforced. Default: $NODE_NAME,
+    /// else the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where bpffs is mounted.
+    #[arg(long, default_value = BPFFS)]
+    pub bpffs: PathBuf,
+    /// Where the names file for `dump` is kept. Default: /run/netpol/<node>.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    pub fn node(&self) -> String {
+        self.node_name.clone().unwrap_or_else(hostname)
+    }
+
+    pub fn pins(&self) -> PinDir {
+        PinDir::for_node(&self.bpffs, &self.node())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/netpol").join(self.node()))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Manifest files or directories (Namespaces, Pods, NetworkPolicies; multi-document YAML).
+    #[arg(long, required = true, num_args = 1..)]
+    pub manifests: Vec<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Treat any invalid object as an error: program nothing and exit non-zero.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long, required = true, num_args = 1..)]
+    pub manifests: Vec<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// How often to look for changed manifest files, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub poll_ms: u64,
+    /// Full reconcile at least this often, in seconds (repairs drift, finds new interfaces).
+    #[arg(long, default_value_t = 30)]
+    pub resync_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+    /// Only this pod (`namespace/name`).
+    #[arg(long)]
+    pub pod: Option<String>,
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

@@ -1,0 +1,210 @@
+//! The kernel side: loading the programs, the pinned maps and links, attaching to interfaces.
+//! The ONLY module that imports aya. It writes what it is given and reads back what is there;
+//! it decides nothing about policy.
+//!
+//! Everything lives under one bpffs directory per node (two lab nodes share a bpffs):
+//! `<pin-dir>/maps/NP_*` and `<pin-dir>/links/<ifindex>-<hook>`. Pinned maps and links keep
+//! enforcement in place when the agent exits, and let the next agent adopt them.
+
+pub mod attach;
+pub mod host;
+pub mod maps;
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{ProgramError, SchedClassifier},
+    Ebpf, EbpfLoader,
+};
+use netpol_common::prog_name;
+
+/// The compiled eBPF object, built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol"));
+
+/// Where bpffs is mounted on every node we run on.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object (maps pinned under {pin_dir})")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name} ({path})")]
+    Map {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{action} {path}")]
+    Pin {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attaching {program} to {hook} of {interface}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("{what}")]
+    Host {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on a bpffs mount (mount -t bpf bpf {BPFFS})")]
+    NotBpffs { path: PathBuf },
+}
+
+/// The pin directory of one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// `<bpffs>/netpol/<node>`.
+    pub fn for_node(bpffs: &Path, node: &str) -> Self {
+        Self(bpffs.join("netpol").join(node))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn maps(&self) -> PathBuf {
+        self.0.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.0.join("links")
+    }
+
+    pub fn exists(&self) -> bool {
+        self.0.exists()
+    }
+}
+
+/// Fails unless `path`'s filesystem is bpffs (pins anywhere else silently do nothing useful).
+fn check_bpffs(path: &Path) -> Result<(), DataplaneError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        DataplaneError::NotBpffs {
+            path: path.to_path_buf(),
+        }
+    })?;
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DataplaneError::NotBpffs {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// The loaded programs, with the node's maps created or adopted from their pins.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pins: PinDir,
+}
+
+impl Dataplane {
+    /// Loads and verifies both programs. Existing pinned maps are reused as they are, so their
+    /// contents (and conntrack) survive; missing ones are created and pinned.
+    pub fn load(pins: &PinDir) -> Result<Self, DataplaneError> {
+        let bpffs = pins.path().ancestors().nth(2).unwrap_or(Path::new(BPFFS));
+        check_bpffs(bpffs)?;
+        for dir in [pins.maps(), pins.links()] {
+            fs::create_dir_all(&dir).map_err(|source| DataplaneError::Pin {
+                action: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load {
+                pin_dir: pins.maps(),
+                source,
+            })?;
+        for name in [prog_name::POD_EGRESS, prog_name::POD_INGRESS] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            pins: pins.clone(),
+        })
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    /// One of our classifiers, for attaching or `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DataplaneError> {
+        program(&mut self.ebpf, name)
+    }
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let missing = || DataplaneError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Removes every pin and link under the node's directory. Programs detach as their last
+/// link goes; maps are freed once nothing references them.
+pub fn reset(pins: &PinDir) -> Result<attach::ResetReport, DataplaneError> {
+    let report = attach::detach_all(pins)?;
+    if pins.exists() {
+        fs::remove_dir_all(pins.path()).map_err(|source| DataplaneError::Pin {
+            action: "removing",
+            path: pins.path().to_path_buf(),
+            source,
+        })?;
+    }
+    // Remove `<bpffs>/netpol` too once no node is left in it.
+    if let Some(parent) = pins.path().parent() {
+        let _ = fs::remove_dir(parent);
+    }
+    Ok(report)
+}

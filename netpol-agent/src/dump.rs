@@ -1,0 +1,330 @@
+//! `netpol-agent dump`: what the kernel holds, decoded. Reads the pinned maps and the TCX
+//! chains of each endpoint's interface; names come from the names file when it is there.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use netpol_common::{endpoint_flag, identity, Direction, EndpointInfo};
+use serde::Serialize;
+
+use crate::{
+    dataplane::{
+        attach::{self, AttachedProgram, Hook},
+        host, maps, DataplaneError, PinDir,
+    },
+    names::Names,
+    policy::{
+        desired::{self, MapContents},
+        model::Protocol,
+    },
+};
+
+#[derive(Debug, Serialize)]
+pub struct Dump {
+    pub node: String,
+    pub pin_dir: String,
+    pub endpoints: Vec<EndpointDump>,
+    pub ipcache: Vec<IpcacheDump>,
+    pub counters: Vec<CounterDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointDump {
+    pub pod: Option<String>,
+    pub interface: Option<String>,
+    pub ifindex: u32,
+    pub identity: u32,
+    pub addresses: Vec<String>,
+    pub attachments: Vec<HookDump>,
+    pub ingress: DirectionDump,
+    pub egress: DirectionDump,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HookDump {
+    pub hook: &'static str,
+    pub pinned: bool,
+    /// Programs on the hook in TCX order.
+    pub programs: Vec<AttachedProgram>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DirectionDump {
+    pub isolated: bool,
+    pub class: u32,
+    pub policies: Vec<String>,
+    pub allow: Vec<AllowDump>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AllowDump {
+    pub peer: String,
+    pub peer_id: u32,
+    pub protocol: String,
+    pub ports: String,
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IpcacheDump {
+    pub prefix: String,
+    pub identity: u32,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterDump {
+    pub direction: &'static str,
+    pub reason: &'static str,
+    pub drop: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub fn collect(
+    pins: &PinDir,
+    state_dir: &Path,
+    pod_filter: Option<&str>,
+) -> Result<Dump, DataplaneError> {
+    let names = Names::read(state_dir);
+    let contents = maps::read(pins)?;
+    let linked = attach::pinned_ifindexes(pins)?;
+    let mut endpoints = Vec::new();
+    for (&ifindex, info) in &contents.endpoints {
+        let pod = names.endpoints.get(&ifindex).cloned();
+        if pod_filter.is_some_and(|f| pod.as_deref() != Some(f)) {
+            continue;
+        }
+        let interface = host::ifname(ifindex);
+        let attachments = Hook::ALL
+            .into_iter()
+            .map(|hook| HookDump {
+                hook: hook.name(),
+                pinned: linked.contains(&ifindex),
+                programs: interface
+                    .as_deref()
+                    .and_then(|i| attach::attached(i, hook).ok())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        endpoints.push(EndpointDump {
+            pod,
+            interface,
+            ifindex,
+            identity: info.identity,
+            addresses: addresses(info),
+            attachments,
+            ingress: direction(&contents, &names, info, Direction::Ingress),
+            egress: direction(&contents, &names, info, Direction::Egress),
+        });
+    }
+    let ipcache = contents
+        .ipcache
+        .iter()
+        .filter_map(|((prefix, key), value)| {
+            Some(IpcacheDump {
+                prefix: desired::net_from_key(*prefix, key.addr)?.to_string(),
+                identity: value.identity,
+                name: peer_name(&names, value.identity),
+            })
+        })
+        .collect();
+    let counters = maps::counters(pins)?
+        .into_iter()
+        .map(|((dir, reason), c)| CounterDump {
+            direction: dir.name(),
+            reason: reason.name(),
+            drop: reason.is_drop(),
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    Ok(Dump {
+        node: names.node.clone(),
+        pin_dir: pins.path().display().to_string(),
+        endpoints,
+        ipcache,
+        counters,
+    })
+}
+
+fn addresses(info: &EndpointInfo) -> Vec<String> {
+    let mut out = Vec::new();
+    if info.flags & endpoint_flag::HAS_IPV4 != 0 {
+        out.push(desired::addr_from_bytes(info.ipv4).to_string());
+    }
+    if info.flags & endpoint_flag::HAS_IPV6 != 0 {
+        out.push(desired::addr_from_bytes(info.ipv6).to_string());
+    }
+    out
+}
+
+fn peer_name(names: &Names, id: u32) -> String {
+    match id {
+        identity::ANY => "any".into(),
+        identity::HOST => "host".into(),
+        identity::WORLD => "world".into(),
+        id => names
+            .identities
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("identity {id}")),
+    }
+}
+
+fn direction(
+    contents: &MapContents,
+    names: &Names,
+    info: &EndpointInfo,
+    dir: Direction,
+) -> DirectionDump {
+    let (flag, class) = match dir {
+        Direction::Ingress => (endpoint_flag::ISOLATED_INGRESS, info.ingress_class),
+        Direction::Egress => (endpoint_flag::ISOLATED_EGRESS, info.egress_class),
+    };
+    // CIDR sets of this class, by the prefixes that point at them.
+    let mut cidr_sets: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for ((prefix, key), value) in &contents.cidr {
+        if let Some(entry) = desired::cidr_entry_from_key(*prefix, key) {
+            if entry.class == class {
+                cidr_sets
+                    .entry(value.set)
+                    .or_default()
+                    .push(entry.net.to_string());
+            }
+        }
+    }
+    let allow = contents
+        .policy
+        .iter()
+        .map(|((prefix, key), value)| (desired::policy_entry_from_key(*prefix, key), value))
+        .filter(|(entry, _)| class != 0 && entry.class == class)
+        .map(|(entry, value)| {
+            let peer = if entry.peer >= identity::FIRST_CIDR_SET {
+                format!(
+                    "cidr {}",
+                    cidr_sets
+                        .get(&entry.peer)
+                        .map(|v| v.join(","))
+                        .unwrap_or_default()
+                )
+            } else {
+                peer_name(names, entry.peer)
+            };
+            let protocol = match entry.proto {
+                None => "any".to_string(),
+                Some(n) => {
+                    Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.name().to_string())
+                }
+            };
+            let ports = match entry.port {
+                None => "any".to_string(),
+                Some(p) if p.first() == p.last() => p.first().to_string(),
+                Some(p) => format!("{}-{}", p.first(), p.last()),
+            };
+            AllowDump {
+                peer,
+                peer_id: entry.peer,
+                protocol,
+                ports,
+                rules: names
+                    .rule_sets
+                    .get(&value.rule_set)
+                    .cloned()
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    DirectionDump {
+        isolated: info.flags & flag != 0,
+        class,
+        policies: names.classes.get(&class).cloned().unwrap_or_default(),
+        allow,
+    }
+}
+
+pub fn render_table(dump: &Dump) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "node {}  (pins {})", dump.node, dump.pin_dir);
+    if dump.endpoints.is_empty() {
+        let _ = writeln!(s, "no endpoints");
+    }
+    for ep in &dump.endpoints {
+        let _ = writeln!(
+            s,
+            "\nPOD {}  interface {} (ifindex {})  identity {}  addresses {}",
+            ep.pod.as_deref().unwrap_or("<unknown>"),
+            ep.interface.as_deref().unwrap_or("<gone>"),
+            ep.ifindex,
+            ep.identity,
+            ep.addresses.join(",")
+        );
+        for h in &ep.attachments {
+            let progs: Vec<String> = h
+                .programs
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}#{}{}",
+                        p.name,
+                        p.id,
+                        if p.ours { "" } else { " (foreign)" }
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<11} tcx: {}{}",
+                h.hook,
+                if progs.is_empty() {
+                    "NOTHING ATTACHED".to_string()
+                } else {
+                    progs.join(" -> ")
+                },
+                if h.pinned { "  [link pinned]" } else { "" }
+            );
+        }
+        for (name, d) in [("ingress", &ep.ingress), ("egress", &ep.egress)] {
+            if !d.isolated {
+                let _ = writeln!(s, "  {name}: not isolated (all allowed)");
+                continue;
+            }
+            let _ = writeln!(
+                s,
+                "  {name}: isolated by {} (class {})",
+                d.policies.join(", "),
+                d.class
+            );
+            if d.allow.is_empty() {
+                let _ = writeln!(s, "    (nothing allowed)");
+                continue;
+            }
+            let _ = writeln!(s, "    {:<44} {:<6} {:<12} RULES", "PEER", "PROTO", "PORTS");
+            for a in &d.allow {
+                let _ = writeln!(
+                    s,
+                    "    {:<44} {:<6} {:<12} {}",
+                    a.peer,
+                    a.protocol,
+                    a.ports,
+                    a.rules.join(" ")
+                );
+            }
+        }
+    }
+    if !dump.counters.is_empty() {
+        let _ = writeln!(s, "\nCOUNTERS");
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<20} {:>10} {:>12}",
+            "DIR", "REASON", "PACKETS", "BYTES"
+        );
+        for c in &dump.counters {
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<20} {:>10} {:>12}",
+                c.direction, c.reason, c.packets, c.bytes
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,12 @@
+//! netpol-agent as a library: the binary, the privileged tests and the benchmarks share it.
+//!
+//! Data flows one way: `source` (files, later the API) -> `policy` (pure compile and diff) ->
+//! `reconcile` -> `dataplane` (the only module that touches the kernel through aya).
+
+pub mod cli;
+pub mod dataplane;
+pub mod dump;
+pub mod names;
+pub mod policy;
+pub mod reconcile;
+pub mod source;

@@ -1,0 +1,136 @@
+//! netpol-agent: wires the command line to sources, the compiler and the dataplane.
+
+mod run;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::Parser as _;
+use tracing::{error, warn};
+
+use netpol_agent::{
+    cli::{ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output},
+    dataplane, dump, policy, reconcile, source,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Apply(args) => apply(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Reset(args) => reset(&args),
+        Command::Dump(args) => dump(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the manifests, reporting every problem. Fails when a file could not be read (the
+/// input is incomplete: programming it could open what a missing policy closes) or, with
+/// `strict`, when any object is invalid.
+pub(crate) fn load_snapshot(
+    manifests: &[std::path::PathBuf],
+    strict: bool,
+) -> anyhow::Result<policy::Snapshot> {
+    let (snapshot, errors) = source::file::load(manifests);
+    let fatal = errors.iter().filter(|e| e.is_fatal()).count();
+    for e in &errors {
+        if e.is_fatal() {
+            error!("{}", chain(e));
+        } else {
+            warn!("{e} (fails closed: the policy isolates what it selects and allows nothing)");
+        }
+    }
+    if fatal > 0 {
+        bail!("{fatal} manifest file(s) unreadable; nothing programmed");
+    }
+    if strict && !errors.is_empty() {
+        bail!(
+            "{} invalid object(s) and --strict; nothing programmed",
+            errors.len()
+        );
+    }
+    Ok(snapshot)
+}
+
+/// An error and its sources, on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
+    let snapshot = load_snapshot(&args.manifests, args.strict)?;
+    let node = args.node.node();
+    let mut dp = dataplane::Dataplane::load(&args.node.pins()).context("loading the dataplane")?;
+    let report = reconcile::reconcile(&mut dp, &snapshot, &node, &args.node.state_dir())?;
+    for w in &report.warnings {
+        warn!("{w}");
+    }
+    println!(
+        "applied on node {node}: {} pod(s) enforced, {} map change(s), {} hook(s) attached, {} adopted, {} upgraded, {} interface(s) detached",
+        report.enforced.len(),
+        report.map_changes,
+        report.attached,
+        report.adopted,
+        report.upgraded,
+        report.detached
+    );
+    if !report.missing.is_empty() {
+        let pods: Vec<String> = report.missing.iter().map(ToString::to_string).collect();
+        bail!(
+            "no interface found for pod(s) {} on node {node}",
+            pods.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn reset(args: &NodeArgs) -> anyhow::Result<()> {
+    let pins = args.pins();
+    let report = dataplane::reset(&pins)?;
+    let state = args.state_dir();
+    if state.exists() {
+        std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
+    }
+    println!(
+        "reset node {}: {} link(s) removed from {} interface(s); {} removed",
+        args.node(),
+        report.links,
+        report.interfaces.len(),
+        pins.path().display()
+    );
+    Ok(())
+}
+
+fn dump(args: &DumpArgs) -> anyhow::Result<()> {
+    let pins = args.node.pins();
+    if !pins.exists() {
+        bail!(
+            "nothing programmed for node {} ({} does not exist)",
+            args.node.node(),
+            pins.path().display()
+        );
+    }
+    let dump = dump::collect(&pins, &args.node.state_dir(), args.pod.as_deref())?;
+    match args.output {
+        Output::Table => print!("{}", dump::render_table(&dump)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&dump)?),
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! Compiled contents -> the exact keys and values of the kernel maps, and the diff between two
+//! such states. Pure: the dataplane reads the actual state and writes the diff.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use netpol_common::{
+    endpoint_flag, ipv4_mapped, policy_prefix, Addr, CidrKey, CidrValue, EndpointInfo, IpcacheKey,
+    IpcacheValue, PolicyKey, PolicyValue, IPV4_MAPPED_PREFIX,
+};
+
+use super::{
+    compile::{CidrEntry, Compiled, PolicyEntry},
+    model::ObjectRef,
+    ports::PortPrefix,
+};
+
+/// Contents of the four maps the agent writes (conntrack and counters belong to the datapath).
+/// LPM keys are `(prefix_len, data)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    pub ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
+    pub cidr: BTreeMap<(u32, CidrKey), CidrValue>,
+    pub policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+}
+
+/// Changes that turn one `MapContents` into another.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDiff {
+    pub upsert: MapContents,
+    pub remove: MapContents,
+}
+
+impl MapDiff {
+    pub fn is_empty(&self) -> bool {
+        self.upsert == MapContents::default() && self.remove == MapContents::default()
+    }
+
+    pub fn changes(&self) -> usize {
+        let count =
+            |m: &MapContents| m.endpoints.len() + m.ipcache.len() + m.cidr.len() + m.policy.len();
+        count(&self.upsert) + count(&self.remove)
+    }
+}
+
+pub fn addr_bytes(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a mapped key holds, IPv4 when it is IPv4-mapped.
+pub fn addr_from_bytes(bytes: Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Prefix length of a network inside the 16-byte layout.
+pub fn mapped_prefix_len(net: &IpNet) -> u32 {
+    match net {
+        IpNet::V4(n) => IPV4_MAPPED_PREFIX + u32::from(n.prefix_len()),
+        IpNet::V6(n) => u32::from(n.prefix_len()),
+    }
+}
+
+/// The network an LPM key over the 16-byte layout stands for.
+pub fn net_from_key(prefix_len: u32, addr: Addr) -> Option<IpNet> {
+    let ip = addr_from_bytes(addr);
+    match ip {
+        IpAddr::V4(v4) if prefix_len >= IPV4_MAPPED_PREFIX => {
+            IpNet::new(IpAddr::V4(v4), (prefix_len - IPV4_MAPPED_PREFIX) as u8).ok()
+        }
+        IpAddr::V4(v4) => {
+            // A v6 prefix shorter than the mapped range: show it as IPv6.
+            let v6 = v4.to_ipv6_mapped();
+            IpNet::new(IpAddr::V6(v6), prefix_len as u8).ok()
+        }
+        IpAddr::V6(_) => IpNet::new(ip, prefix_len as u8).ok(),
+    }
+}
+
+pub fn policy_key(entry: &PolicyEntry) -> (u32, PolicyKey) {
+    let (prefix, proto, port) = match (entry.proto, entry.port) {
+        (None, _) => (policy_prefix::ANY_PROTO, 0, 0),
+        (Some(p), None) => (policy_prefix::ANY_PORT, p, 0),
+        (Some(p), Some(pp)) => (policy_prefix::ANY_PORT + u32::from(pp.bits), p, pp.value),
+    };
+    let key = PolicyKey {
+        class: entry.class.to_be_bytes(),
+        peer: entry.peer.to_be_bytes(),
+        proto,
+        port: port.to_be_bytes(),
+        _pad: 0,
+    };
+    (prefix, key)
+}
+
+pub fn policy_entry_from_key(prefix: u32, key: &PolicyKey) -> PolicyEntry {
+    let (proto, port) = if prefix <= policy_prefix::ANY_PROTO {
+        (None, None)
+    } else if prefix <= policy_prefix::ANY_PORT {
+        (Some(key.proto), None)
+    } else {
+        let bits = (prefix - policy_prefix::ANY_PORT).min(16) as u8;
+        (
+            Some(key.proto),
+            Some(PortPrefix {
+                value: u16::from_be_bytes(key.port),
+                bits,
+            }),
+        )
+    };
+    PolicyEntry {
+        class: u32::from_be_bytes(key.class),
+        peer: u32::from_be_bytes(key.peer),
+        proto,
+        port,
+    }
+}
+
+pub fn cidr_key(entry: &CidrEntry) -> (u32, CidrKey) {
+    let key = CidrKey {
+        class: entry.class.to_be_bytes(),
+        addr: addr_bytes(entry.net.network()),
+    };
+    (32 + mapped_prefix_len(&entry.net), key)
+}
+
+pub fn cidr_entry_from_key(prefix: u32, key: &CidrKey) -> Option<CidrEntry> {
+    Some(CidrEntry {
+        class: u32::from_be_bytes(key.class),
+        net: net_from_key(prefix.checked_sub(32)?, key.addr)?,
+    })
+}
+
+/// The maps for a compilation, with each local endpoint placed on its interface. Endpoints
+/// missing from `ifindex_of` (no interface found) are left out.
+pub fn map_contents(compiled: &Compiled, ifindex_of: &BTreeMap<ObjectRef, u32>) -> MapContents {
+    let mut out = MapContents::default();
+    for (pod, ep) in &compiled.endpoints {
+        let Some(&ifindex) = ifindex_of.get(pod) else {
+            continue;
+        };
+        let mut info = EndpointInfo {
+            ingress_class: ep.ingress.class,
+            egress_class: ep.egress.class,
+            identity: ep.identity,
+            ..Default::default()
+        };
+        if ep.ingress.isolated {
+            info.flags |= endpoint_flag::ISOLATED_INGRESS;
+        }
+        if ep.egress.isolated {
+            info.flags |= endpoint_flag::ISOLATED_EGRESS;
+        }
+        for ip in &ep.ips {
+            match ip {
+                IpAddr::V4(v4) if info.flags & endpoint_flag::HAS_IPV4 == 0 => {
+                    info.flags |= endpoint_flag::HAS_IPV4;
+                    info.ipv4 = ipv4_mapped(v4.octets());
+                }
+                IpAddr::V6(v6) if info.flags & endpoint_flag::HAS_IPV6 == 0 => {
+                    info.flags |= endpoint_flag::HAS_IPV6;
+                    info.ipv6 = v6.octets();
+                }
+                _ => {}
+            }
+        }
+        out.endpoints.insert(ifindex, info);
+    }
+    for (net, &identity) in &compiled.ipcache {
+        let key = IpcacheKey {
+            addr: addr_bytes(net.network()),
+        };
+        out.ipcache.insert(
+            (mapped_prefix_len(net), key),
+            IpcacheValue { identity, _pad: 0 },
+        );
+    }
+    for (entry, &set) in &compiled.cidr {
+        out.cidr.insert(cidr_key(entry), CidrValue { set, _pad: 0 });
+    }
+    for (entry, &rule_set) in &compiled.policy {
+        out.policy
+            .insert(policy_key(entry), PolicyValue { rule_set, _pad: 0 });
+    }
+    out
+}
+
+fn diff_map<K: Ord + Clone, V: PartialEq + Clone>(
+    desired: &BTreeMap<K, V>,
+    actual: &BTreeMap<K, V>,
+    upsert: &mut BTreeMap<K, V>,
+    remove: &mut BTreeMap<K, V>,
+) {
+    for (k, v) in desired {
+        if actual.get(k) != Some(v) {
+            upsert.insert(k.clone(), v.clone());
+        }
+    }
+    for (k, v) in actual {
+        if !desired.contains_key(k) {
+            remove.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+pub fn diff(desired: &MapContents, actual: &MapContents) -> MapDiff {
+    let mut d = MapDiff::default();
+    diff_map(
+        &desired.endpoints,
+        &actual.endpoints,
+        &mut d.upsert.endpoints,
+        &mut d.remove.endpoints,
+    );
+    diff_map(
+        &desired.ipcache,
+        &actual.ipcache,
+        &mut d.upsert.ipcache,
+        &mut d.remove.ipcache,
+    );
+    diff_map(
+        &desired.cidr,
+        &actual.cidr,
+        &mut d.upsert.cidr,
+        &mut d.remove.cidr,
+    );
+    diff_map(
+        &desired.policy,
+        &actual.policy,
+        &mut d.upsert.policy,
+        &mut d.remove.policy,
+    );
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_keys_round_trip() {
+        let entries = [
+            PolicyEntry {
+                class: 7,
+                peer: 300,
+                proto: None,
+                port: None,
+            },
+            PolicyEntry {
+                class: 7,
+                peer: 0,
+                proto: Some(6),
+                port: None,
+            },
+            PolicyEntry {
+                class: 7,
+                peer: 0x8000_0001,
+                proto: Some(17),
+                port: Some(PortPrefix {
+                    value: 53,
+                    bits: 16,
+                }),
+            },
+            PolicyEntry {
+                class: 1,
+                peer: 2,
+                proto: Some(132),
+                port: Some(PortPrefix {
+                    value: 32768,
+                    bits: 1,
+                }),
+            },
+        ];
+        for e in entries {
+            let (prefix, key) = policy_key(&e);
+            assert_eq!(policy_entry_from_key(prefix, &key), e, "prefix {prefix}");
+        }
+    }
+
+    #[test]
+    fn cidr_keys_round_trip() {
+        for net in ["10.0.0.0/8", "10.1.2.3/32", "0.0.0.0/0", "fd00::/8", "::/0"] {
+            let e = CidrEntry {
+                class: 3,
+                net: net.parse().unwrap(),
+            };
+            let (prefix, key) = cidr_key(&e);
+            assert_eq!(cidr_entry_from_key(prefix, &key), Some(e), "{net}");
+        }
+    }
+
+    #[test]
+    fn diff_finds_changes_and_nothing_else() {
+        let mut a = MapContents::default();
+        a.endpoints.insert(
+            5,
+            EndpointInfo {
+                flags: 1,
+                ..Default::default()
+            },
+        );
+        a.endpoints.insert(6, EndpointInfo::default());
+        let mut b = a.clone();
+        assert!(diff(&a, &b).is_empty());
+        b.endpoints.get_mut(&5).unwrap().flags = 3;
+        b.endpoints.remove(&6);
+        let d = diff(&b, &a);
+        assert_eq!(d.upsert.endpoints.keys().collect::<Vec<_>>(), vec![&5]);
+        assert_eq!(d.remove.endpoints.keys().collect::<Vec<_>>(), vec![&6]);
+        assert_eq!(d.changes(), 2);
+    }
+}

@@ -1,0 +1,15 @@
+//! The policy compiler. PURE: no tokio, no aya, no Kubernetes client, no I/O.
+//!
+//! model (what the cluster says) -> compile (identities, classes, LPM entries) -> `Compiled`,
+//! the exact contents the kernel maps receive (keyed by pod, not yet by interface). `evaluate`
+//! answers reachability questions by looking those contents up the way the kernel does.
+
+pub mod compile;
+pub mod desired;
+pub mod evaluate;
+pub mod model;
+pub mod ports;
+pub mod selector;
+
+pub use compile::{compile, Compiled, Scope};
+pub use model::Snapshot;

@@ -1,0 +1,199 @@
+//! The cluster as the compiler sees it: only the fields NetworkPolicy semantics use, already
+//! validated. Conversion from Kubernetes objects (and its errors) lives in `source`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+use super::selector::LabelSelector;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The label every namespace carries with its own name (set by the API server since 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A namespaced object's name: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The IP protocol number, as in the packet and in `NP_POLICY` keys.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.number() == n)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    /// Includes `kubernetes.io/metadata.name`.
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub id: ObjectRef,
+    pub labels: Labels,
+    pub node_name: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// The ports a named port resolves to on this pod, for one protocol.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+
+    /// Named ports as a canonical set, part of a pod's identity.
+    pub fn named_ports(&self) -> BTreeSet<(String, Protocol, u16)> {
+        self.ports
+            .iter()
+            .filter_map(|p| Some((p.name.clone()?, p.protocol, p.port)))
+            .collect()
+    }
+}
+
+/// One peer of a rule. `from`/`to` entries are ORed; the selectors inside one entry are ANDed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// `podSelector` and/or `namespaceSelector`. `namespaces: None` means the policy's own
+    /// namespace; `pods: None` means every pod of the selected namespaces.
+    Pods {
+        namespaces: Option<LabelSelector>,
+        pods: Option<LabelSelector>,
+    },
+    IpBlock {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+    },
+}
+
+/// One entry of a rule's `ports`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortSpec {
+    /// `port` (and `endPort`) numbers: an inclusive range.
+    Range {
+        protocol: Protocol,
+        first: u16,
+        last: u16,
+    },
+    /// A named container port, resolved per pod.
+    Named { protocol: Protocol, name: String },
+    /// `protocol` with no `port`: every port of that protocol.
+    AllOf { protocol: Protocol },
+}
+
+/// An ingress or egress rule. Empty `peers`: every peer. Empty `ports`: every port and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub id: ObjectRef,
+    pub pod_selector: LabelSelector,
+    /// Directions the policy isolates (its effective `policyTypes`).
+    pub ingress_isolates: bool,
+    pub egress_isolates: bool,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl Policy {
+    /// A policy that isolates what it selects in the given directions and allows nothing:
+    /// what an invalid policy becomes (fail closed).
+    pub fn deny_only(mut self) -> Policy {
+        self.ingress.clear();
+        self.egress.clear();
+        self
+    }
+}
+
+/// Everything the compiler reads, from whichever source.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: Vec<Pod>,
+    pub policies: Vec<Policy>,
+}
+
+impl Snapshot {
+    /// A namespace's labels; one absent from the snapshot still carries its name label.
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(ns) => ns.labels.clone(),
+            None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
+        }
+    }
+}

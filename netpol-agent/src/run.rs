@@ -1,0 +1,81 @@
+//! `netpol-agent run` with a file source: reconcile, then again whenever the manifests change
+//! (polled, debounced) and at least every resync period. Exits on SIGINT/SIGTERM, leaving
+//! enforcement pinned in place.
+
+use std::{
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+use netpol_agent::{cli::RunArgs, dataplane::Dataplane, reconcile, source};
+
+use crate::load_snapshot;
+
+/// What the manifest files look like from outside: changes when any is added, removed,
+/// touched or resized.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    paths
+        .iter()
+        .flat_map(|p| source::file::files(p).unwrap_or_else(|_| vec![p.clone()]))
+        .map(|f| {
+            let meta = fs::metadata(&f).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map_or(0, |m| m.len());
+            (f, modified, len)
+        })
+        .collect()
+}
+
+pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run_loop(args))
+}
+
+async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
+    let node = args.node.node();
+    let state_dir = args.node.state_dir();
+    let mut dp = Dataplane::load(&args.node.pins()).context("loading the dataplane")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let poll = Duration::from_millis(args.poll_ms.max(50));
+    let resync = Duration::from_secs(args.resync_s.max(1));
+
+    let mut seen = None;
+    let mut last_pass = Instant::now() - resync;
+    loop {
+        let now = fingerprint(&args.manifests);
+        if seen.as_ref() != Some(&now) || last_pass.elapsed() >= resync {
+            // Debounce: editors write files in several steps.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let settled = fingerprint(&args.manifests);
+            if settled != now {
+                continue;
+            }
+            match load_snapshot(&args.manifests, false) {
+                Ok(snapshot) => {
+                    if let Err(e) = reconcile::reconcile(&mut dp, &snapshot, &node, &state_dir) {
+                        error!("reconcile failed, will retry: {:#}", anyhow::Error::from(e));
+                    }
+                }
+                // Keep the kernel as it was: programming half the input could open paths.
+                Err(e) => error!("{e:#}; enforcement left as it was"),
+            }
+            seen = Some(settled);
+            last_pass = Instant::now();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!(node, "stopping; enforcement stays pinned");
+    Ok(())
+}

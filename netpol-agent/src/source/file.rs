@@ -1,0 +1,184 @@
+//! Manifest files and directories -> `Snapshot`. Multi-document YAML (or JSON), `kind: List`
+//! wrappers, and directories (their `.yaml`, `.yml` and `.json` files, recursively, in name
+//! order). Kinds other than Namespace, Pod and NetworkPolicy are ignored.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
+use serde::Deserialize;
+
+use super::{convert, SourceError};
+use crate::policy::{
+    model::{ObjectRef, Policy, Snapshot},
+    selector::LabelSelector,
+};
+
+/// The snapshot, and every problem found. Fatal problems (see `SourceError::is_fatal`) mean the
+/// snapshot is incomplete and must not be programmed.
+pub fn load(paths: &[PathBuf]) -> (Snapshot, Vec<SourceError>) {
+    let mut snapshot = Snapshot::default();
+    let mut errors = Vec::new();
+    for path in paths {
+        match files(path) {
+            Ok(files) => {
+                for file in files {
+                    match fs::read_to_string(&file) {
+                        Ok(text) => add_documents(&file, &text, &mut snapshot, &mut errors),
+                        Err(source) => errors.push(SourceError::Read { path: file, source }),
+                    }
+                }
+            }
+            Err(source) => errors.push(SourceError::Read {
+                path: path.clone(),
+                source,
+            }),
+        }
+    }
+    (snapshot, errors)
+}
+
+/// The manifest files a path names.
+pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !fs::metadata(path)?.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut entries: Vec<PathBuf> = fs::read_dir(path)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    let mut out = Vec::new();
+    for entry in entries {
+        if entry.is_dir() {
+            out.extend(files(&entry)?);
+        } else if matches!(
+            entry.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+/// Parses one file's documents into the snapshot.
+pub fn add_documents(
+    path: &Path,
+    text: &str,
+    snapshot: &mut Snapshot,
+    errors: &mut Vec<SourceError>,
+) {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document = i + 1;
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(source) => {
+                errors.push(SourceError::Yaml {
+                    path: path.to_path_buf(),
+                    document,
+                    source,
+                });
+                // The parser cannot resynchronise after a syntax error.
+                return;
+            }
+        };
+        add_object(path, document, value, snapshot, errors);
+    }
+}
+
+fn add_object(
+    path: &Path,
+    document: usize,
+    value: serde_yaml::Value,
+    snapshot: &mut Snapshot,
+    errors: &mut Vec<SourceError>,
+) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let schema_error = |source: serde_yaml::Error, value: &serde_yaml::Value| SourceError::Schema {
+        path: path.to_path_buf(),
+        document,
+        kind: kind.clone(),
+        object: describe(value),
+        source,
+    };
+    match kind.as_str() {
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                add_object(path, document, item, snapshot, errors);
+            }
+        }
+        "Namespace" => match serde_yaml::from_value::<core::Namespace>(value.clone()) {
+            Ok(ns) => match convert::namespace(&ns) {
+                Ok(ns) => {
+                    snapshot.namespaces.insert(ns.name.clone(), ns);
+                }
+                Err(e) => errors.push(e),
+            },
+            Err(e) => errors.push(schema_error(e, &value)),
+        },
+        "Pod" => match serde_yaml::from_value::<core::Pod>(value.clone()) {
+            Ok(pod) => match convert::pod(&pod) {
+                Ok((model, problems)) => {
+                    errors.extend(problems);
+                    snapshot.pods.extend(model);
+                }
+                Err(e) => errors.push(e),
+            },
+            Err(e) => errors.push(schema_error(e, &value)),
+        },
+        "NetworkPolicy" => match serde_yaml::from_value::<NetworkPolicy>(value.clone()) {
+            Ok(np) => match convert::network_policy(&np) {
+                Ok((policy, problems)) => {
+                    errors.extend(problems);
+                    snapshot.policies.push(policy);
+                }
+                Err(e) => errors.push(e),
+            },
+            Err(e) => {
+                errors.push(schema_error(e, &value));
+                // Unreadable, but it names a policy: fail closed for its whole namespace.
+                if let Some(id) = object_id(&value) {
+                    snapshot.policies.push(unreadable_policy(id));
+                }
+            }
+        },
+        _ => {}
+    }
+}
+
+fn object_id(value: &serde_yaml::Value) -> Option<ObjectRef> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    let ns = meta
+        .get("namespace")
+        .and_then(|n| n.as_str())
+        .unwrap_or("default");
+    Some(ObjectRef::new(ns, name))
+}
+
+fn describe(value: &serde_yaml::Value) -> String {
+    object_id(value).map_or_else(|| "<unnamed>".to_string(), |id| id.to_string())
+}
+
+/// A policy whose spec could not be read: it isolates every pod of its namespace both ways.
+fn unreadable_policy(id: ObjectRef) -> Policy {
+    Policy {
+        id,
+        pod_selector: LabelSelector::everything(),
+        ingress_isolates: true,
+        egress_isolates: true,
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    }
+}

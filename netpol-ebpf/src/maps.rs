@@ -1,0 +1,37 @@
+//! Every map of the datapath. Pinned by name, so the agent can adopt them across restarts and
+//! enforcement outlives the agent process. Names and layouts come from `netpol-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use netpol_common::{
+    capacity,
+    ct::{CtKey, CtValue},
+    CidrKey, CidrValue, Counter, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue,
+    COUNTER_SLOTS,
+};
+
+/// ifindex of a pod's host-side interface -> the pod's classes and flags.
+#[map(name = "NP_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// Address prefix -> identity (pods, the node's own addresses).
+#[map(name = "NP_IPCACHE")]
+pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+/// (class, address prefix) -> CIDR set, for ipBlock peers.
+#[map(name = "NP_CIDR")]
+pub static CIDR: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(capacity::CIDR, 0);
+
+/// (class, peer, protocol, port prefix) -> allowed.
+#[map(name = "NP_POLICY")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+
+/// Tracked flows per endpoint.
+#[map(name = "NP_CT")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// Packets and bytes per (direction, reason).
+#[map(name = "NP_COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

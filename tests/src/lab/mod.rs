@@ -1,0 +1,24 @@
+//! The local lab: one simulated Kubernetes node made of network namespaces.
+//!
+//! The node is a network namespace with no link to the machine's root namespace; every pod is a
+//! network namespace attached to the node by the CNI `ptp` plugin (host-local IPAM), the way a
+//! container runtime does it. Only namespaces are created in the root namespace, and probes only
+//! target addresses the lab itself assigned.
+//!
+//! Layout: `spec` parses the manifests, `names` and `state` own naming and the on-disk record,
+//! `netns` and `cni` create and wire namespaces, `server` and `probe` move the traffic,
+//! `manifests` writes what an API server would hold, `node` ties them into [`Lab`].
+
+mod cni;
+mod manifests;
+mod names;
+mod netns;
+mod node;
+mod probe;
+mod server;
+mod spec;
+mod state;
+
+pub use node::{Lab, LabOptions, LabPod};
+pub use probe::{Probe, ProbeKind, ProbeOutcome};
+pub use spec::{LabSpec, PodPort, Protocol};

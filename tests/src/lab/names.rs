@@ -1,0 +1,77 @@
+//! Names of one lab: its id, its network namespaces, its CNI container ids and its state
+//! directory. Unique per process (a counter) and across processes (the pid), and short, because
+//! they show up in `ip netns list` and CNI's IPAM files.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Where every lab keeps its state; one directory per lab.
+pub const STATE_ROOT: &str = "/run/netpol-lab";
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Debug, Clone)]
+pub struct LabNames {
+    /// `lab-<pid>-<n>`: the state directory's name and the default node name.
+    pub id: String,
+    /// `npl-<pid>-<n>`: the prefix of every network namespace of this lab.
+    netns_prefix: String,
+}
+
+impl LabNames {
+    pub fn allocate() -> LabNames {
+        let pid = std::process::id();
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        LabNames {
+            id: format!("lab-{pid}-{n}"),
+            netns_prefix: format!("npl-{pid}-{n}"),
+        }
+    }
+
+    pub fn node_netns(&self) -> String {
+        format!("{}-node", self.netns_prefix)
+    }
+
+    pub fn pod_netns(&self, index: usize) -> String {
+        format!("{}-p{index}", self.netns_prefix)
+    }
+
+    /// The CNI container id of a pod; unique so IPAM reservations never collide between labs.
+    pub fn container_id(&self, index: usize) -> String {
+        format!("{}-p{index}", self.id)
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        PathBuf::from(STATE_ROOT).join(&self.id)
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir().join("ipam")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_share_the_lab_number() {
+        let a = LabNames::allocate();
+        let b = LabNames::allocate();
+        assert_ne!(a.id, b.id, "two labs of one process must not share an id");
+        assert_ne!(a.node_netns(), b.node_netns(), "nor a node namespace");
+        let pid = std::process::id();
+        assert!(
+            a.id.starts_with(&format!("lab-{pid}-")),
+            "the id carries the pid: {}",
+            a.id
+        );
+        let n = a.id.rsplit('-').next().unwrap();
+        assert_eq!(a.node_netns(), format!("npl-{pid}-{n}-node"));
+        assert_eq!(a.pod_netns(3), format!("npl-{pid}-{n}-p3"));
+        assert!(
+            a.ipam_dir().starts_with(STATE_ROOT),
+            "IPAM state stays in the lab's directory"
+        );
+    }
+}

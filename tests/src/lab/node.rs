@@ -1,0 +1,304 @@
+//! [`Lab`]: one simulated node, built from a [`LabSpec`] and torn down on drop (also while a
+//! test panics). Teardown undoes exactly what this lab recorded, never anything found by name.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use ipnet::Ipv4Net;
+
+use super::cni::{Attachment, CniNetwork};
+use super::names::LabNames;
+use super::netns::{add_netns, delete_netns, nsenter_command};
+use super::probe::{classify, connect_tcp, run_probe, Probe, ProbeOutcome};
+use super::server::Servers;
+use super::spec::{pod_namespace, pod_ports, LabSpec, PodPort};
+use super::{manifests, state};
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The Kubernetes node name pods are scheduled on; defaults to the lab id.
+    pub node_name: Option<String>,
+    /// The node's pod CIDR, handed to host-local IPAM.
+    pub pod_cidr: Ipv4Net,
+    /// How long every probe waits before calling a flow dropped.
+    pub probe_timeout: Duration,
+}
+
+impl Default for LabOptions {
+    fn default() -> LabOptions {
+        LabOptions {
+            node_name: None,
+            pod_cidr: "10.244.1.0/24".parse().expect("a valid literal CIDR"),
+            probe_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running pod: its network namespace, its address and the ports with servers behind them.
+#[derive(Debug, Clone)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: IpAddr,
+    pub netns: String,
+    pub ports: Vec<PodPort>,
+}
+
+pub struct Lab {
+    names: LabNames,
+    node_name: String,
+    spec: LabSpec,
+    probe_timeout: Duration,
+    network: CniNetwork,
+    pods: Vec<LabPod>,
+    /// Pods handed to CNI ADD, recorded before the call so a half-done ADD is still undone.
+    attachments: Vec<Attachment>,
+    /// Namespaces this lab created (or tried to), node first.
+    netns: Vec<String>,
+    servers: Option<Servers>,
+}
+
+impl Lab {
+    /// Builds the node and its pods and starts their servers. On error, whatever was already
+    /// built is torn down before returning.
+    pub fn start(spec: &LabSpec, opts: LabOptions) -> Result<Lab> {
+        ensure!(
+            nix::unistd::geteuid().is_root(),
+            "the netpol lab needs root (network namespaces, CNI plugins)"
+        );
+        if let Err(e) = Lab::cleanup_stale() {
+            eprintln!("netpol lab: cleaning up stale labs failed, going on: {e:#}");
+        }
+        let names = LabNames::allocate();
+        state::create_lab_dir(&names.dir())?;
+        let mut lab = Lab {
+            node_name: opts.node_name.unwrap_or_else(|| names.id.clone()),
+            network: CniNetwork::new(opts.pod_cidr, &names.ipam_dir()),
+            names,
+            spec: spec.clone(),
+            probe_timeout: opts.probe_timeout,
+            pods: Vec::new(),
+            attachments: Vec::new(),
+            netns: Vec::new(),
+            servers: None,
+        };
+        lab.build()
+            .with_context(|| format!("starting lab {}", lab.names.id))?;
+        Ok(lab)
+    }
+
+    /// Removes labs left behind by processes that are gone (crashed or killed before their
+    /// `Drop` ran) and returns their state directories.
+    pub fn cleanup_stale() -> Result<Vec<PathBuf>> {
+        state::sweep_stale()
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let node = self.names.node_netns();
+        self.create_netns(&node)?;
+        // The node's own loopback is where a locally started agent's health endpoints live.
+        let status = self
+            .node_command("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .context("running ip")?;
+        ensure!(
+            status.success(),
+            "bringing up lo in {node} failed ({status})"
+        );
+
+        for (index, pod) in self.spec.pods.clone().iter().enumerate() {
+            let namespace = pod_namespace(pod).to_string();
+            let name = pod
+                .metadata
+                .name
+                .clone()
+                .context("a pod without a name passed validation")?;
+            let netns = self.names.pod_netns(index);
+            self.create_netns(&netns)?;
+            let attachment = Attachment {
+                container_id: self.names.container_id(index),
+                pod_netns: netns.clone(),
+            };
+            self.attachments.push(attachment.clone());
+            let ip = self
+                .network
+                .add(&node, &attachment)
+                .with_context(|| format!("wiring pod {namespace}/{name}"))?;
+            let ports = pod_ports(pod)?;
+            self.pods.push(LabPod {
+                namespace,
+                name,
+                ip: ip.into(),
+                netns,
+                ports,
+            });
+        }
+
+        let servers = self.servers.insert(Servers::default());
+        for pod in &self.pods {
+            let identity = format!("{}/{}", pod.namespace, pod.name);
+            servers
+                .serve_pod(&pod.netns, &identity, &pod.ports)
+                .with_context(|| format!("serving {identity}"))?;
+        }
+        Ok(())
+    }
+
+    fn create_netns(&mut self, name: &str) -> Result<()> {
+        state::record_netns(&self.names.dir(), name)?;
+        self.netns.push(name.to_string());
+        add_netns(name)
+    }
+
+    /// The lab id, also the name of its state directory under /run/netpol-lab.
+    pub fn id(&self) -> &str {
+        &self.names.id
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The node's network namespace, as named in /run/netns.
+    pub fn node_netns(&self) -> String {
+        self.names.node_netns()
+    }
+
+    /// Every network namespace this lab owns, node first.
+    pub fn netns_names(&self) -> &[String] {
+        &self.netns
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.names.dir()
+    }
+
+    pub fn probe_timeout(&self) -> Duration {
+        self.probe_timeout
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &LabPod> {
+        self.pods.iter()
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&LabPod> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// The pod's address; panics if the lab has no such pod, since that is a broken test.
+    pub fn pod_ip(&self, namespace: &str, name: &str) -> IpAddr {
+        self.pod(namespace, name)
+            .unwrap_or_else(|| panic!("lab {} has no pod {namespace}/{name}", self.names.id))
+            .ip
+    }
+
+    /// Writes `<dir>/<lab id>-cluster.yaml` with the Namespaces and Pods as an API server
+    /// would hold them for this node.
+    pub fn write_cluster_manifests(&self, dir: &Path) -> Result<PathBuf> {
+        let yaml = manifests::render(&self.spec, &self.pods, &self.node_name)?;
+        manifests::write(dir, &format!("{}-cluster.yaml", self.names.id), &yaml)
+    }
+
+    /// A command that runs `program` inside the node's network namespace (with `nsenter`, so
+    /// the host's /sys and bpffs stay visible).
+    pub fn node_command(&self, program: &str) -> Command {
+        nsenter_command(&self.names.node_netns(), program)
+    }
+
+    pub fn probe(&self, probe: &Probe) -> ProbeOutcome {
+        let (namespace, name) = &probe.from;
+        match self.pod(namespace, name) {
+            Some(source) => run_probe(&source.netns, probe, self.probe_timeout),
+            None => ProbeOutcome::Error(format!(
+                "lab {} has no source pod {namespace}/{name}",
+                self.names.id
+            )),
+        }
+    }
+
+    /// Runs all probes at once, one thread each, so a matrix of dropped flows costs about one
+    /// timeout rather than one per probe. Outcomes are in the order of `probes`.
+    pub fn probe_all(&self, probes: &[Probe]) -> Vec<ProbeOutcome> {
+        thread::scope(|scope| {
+            let running: Vec<_> = probes
+                .iter()
+                .map(|p| scope.spawn(move || self.probe(p)))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    }
+
+    /// A TCP connection made from inside the source pod, for tests of long-lived flows; the
+    /// pod's server echoes every line sent on it.
+    pub fn open_tcp(&self, from: (&str, &str), to_ip: IpAddr, port: u16) -> Result<TcpStream> {
+        let (namespace, name) = from;
+        let Some(source) = self.pod(namespace, name) else {
+            bail!("lab {} has no source pod {namespace}/{name}", self.names.id);
+        };
+        connect_tcp(
+            &source.netns,
+            SocketAddr::new(to_ip, port),
+            self.probe_timeout,
+        )
+        .with_context(|| format!("connecting {namespace}/{name} -> {to_ip}:{port}"))
+    }
+
+    /// A telnet-style connect from the node's own namespace (where kubelet probes come from).
+    pub fn tcp_connect_from_node(&self, ip: IpAddr, port: u16, timeout: Duration) -> ProbeOutcome {
+        match connect_tcp(&self.names.node_netns(), SocketAddr::new(ip, port), timeout) {
+            Ok(_) => ProbeOutcome::Connected,
+            Err(e) => match e.downcast::<std::io::Error>() {
+                Ok(io) => classify(Err(io)),
+                Err(e) => ProbeOutcome::Error(format!("{e:#}")),
+            },
+        }
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        // Servers first: their sockets hold no namespace open, but their threads must end.
+        drop(self.servers.take());
+        // A failed DEL is reported but blocks nothing: deleting the namespaces removes the
+        // veths anyway, and the IPAM state goes with the lab directory.
+        let mut del_failures = Vec::new();
+        let node = self.names.node_netns();
+        for attachment in self.attachments.drain(..).rev() {
+            if let Err(e) = self.network.del(&node, &attachment) {
+                del_failures.push(format!("{e:#}"));
+            }
+        }
+        let mut netns_failures = Vec::new();
+        for name in self.netns.drain(..).rev() {
+            if let Err(e) = delete_netns(&name) {
+                netns_failures.push(format!("{e:#}"));
+            }
+        }
+        // The directory is the record a later sweep needs, so it stays while a namespace does.
+        if netns_failures.is_empty() {
+            state::remove_lab(&self.names.dir())?;
+        }
+        let failures = [del_failures, netns_failures].concat();
+        ensure!(failures.is_empty(), "{}", failures.join("; "));
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("netpol lab {}: teardown incomplete: {e:#}", self.names.id);
+        }
+    }
+}

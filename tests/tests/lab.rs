@@ -1,0 +1,529 @@
+//! Privileged tests of the local lab itself: every test is named `lab_root_*` because it needs
+//! root (network namespaces, CNI plugins) and fails, loudly, without it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use netpol_tests::lab::{Lab, LabOptions, LabSpec, Probe, ProbeKind, ProbeOutcome, Protocol};
+
+const TWO_NAMESPACES_THREE_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: alpha, labels: {team: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: beta}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: alpha, labels: {app: web}}
+spec:
+  containers:
+  - name: web
+    image: nginx
+    ports:
+    - {containerPort: 80, name: http}
+    - {containerPort: 8080}
+    - {containerPort: 5353, protocol: UDP, name: dns}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: alpha, labels: {app: client}}
+spec:
+  containers:
+  - {name: client, image: busybox, ports: [{containerPort: 9000}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: beta, labels: {app: db}}
+spec:
+  containers:
+  - name: db
+    image: postgres
+    ports:
+    - {containerPort: 5432, protocol: TCP}
+    - {containerPort: 53, protocol: UDP}
+"#;
+
+/// A port nothing in the lab listens on.
+const CLOSED_PORT: u16 = 9;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "lab_root tests need root (they create network namespaces and run CNI plugins); \
+         run them as root, e.g. `sudo -E cargo test -p netpol-tests`"
+    );
+}
+
+fn start(yaml: &str) -> Lab {
+    let spec = LabSpec::from_yaml_str(yaml).expect("the test spec should parse");
+    Lab::start(&spec, LabOptions::default())
+        .unwrap_or_else(|e| panic!("the lab should start: {e:#}"))
+}
+
+fn netns_list() -> String {
+    let output = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list should run");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `ip netns list` prints one namespace per line, sometimes followed by "(id: N)".
+fn is_listed(listed: &str, name: &str) -> bool {
+    listed
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(name))
+}
+
+/// Every probe a pod-to-pod "allow all" matrix needs: curl and a connect to every TCP port, a
+/// datagram to every UDP port, from every pod to every other pod.
+fn all_pairs(lab: &Lab) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    for from in lab.pods() {
+        for to in lab.pods().filter(|to| to.netns != from.netns) {
+            let source = (from.namespace.as_str(), from.name.as_str());
+            for port in &to.ports {
+                let kinds: &[ProbeKind] = match port.protocol {
+                    Protocol::Tcp => &[ProbeKind::Http, ProbeKind::TcpConnect],
+                    Protocol::Udp => &[ProbeKind::Udp],
+                    Protocol::Sctp => &[],
+                };
+                for &kind in kinds {
+                    probes.push(Probe::new(source, to.ip, port.port, kind));
+                }
+            }
+        }
+    }
+    probes
+}
+
+fn assert_outcomes(lab: &Lab, probes: &[Probe], expected: ProbeOutcome) {
+    let outcomes = lab.probe_all(probes);
+    let wrong: Vec<String> = probes
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| **outcome != expected)
+        .map(|(probe, outcome)| format!("  {probe}: {outcome}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "lab {}: expected every probe {expected}, but:\n{}",
+        lab.id(),
+        wrong.join("\n")
+    );
+}
+
+/// Asks a pod's server who it is over a raw connection from `from`.
+fn identity_via_http(lab: &Lab, from: (&str, &str), to_ip: IpAddr, port: u16) -> String {
+    let mut stream = lab
+        .open_tcp(from, to_ip, port)
+        .unwrap_or_else(|e| panic!("connect for http: {e:#}"));
+    stream
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    assert!(
+        response.starts_with("HTTP/1.1 200 OK"),
+        "unexpected response: {response:?}"
+    );
+    response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("netpol-lab-test-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+#[test]
+fn lab_root_pods_reach_each_other_and_manifests_describe_them() {
+    require_root();
+    let lab = start(TWO_NAMESPACES_THREE_PODS);
+    assert_eq!(lab.pods().count(), 3, "one lab pod per Pod manifest");
+
+    let probes = all_pairs(&lab);
+    assert_eq!(
+        probes.len(),
+        // Two sources per target; Http + TcpConnect per TCP port, one Udp per UDP port.
+        2 * ((2 * 2 + 1) + 2 + (2 + 1)),
+        "the matrix covers every port"
+    );
+    assert_outcomes(&lab, &probes, ProbeOutcome::Connected);
+
+    let web = lab.pod_ip("alpha", "web");
+    let db = lab.pod_ip("beta", "db");
+    let closed = [
+        Probe::tcp(("beta", "db"), web, CLOSED_PORT),
+        Probe::http(("alpha", "client"), web, CLOSED_PORT),
+        Probe::udp(("alpha", "web"), db, CLOSED_PORT),
+    ];
+    assert_outcomes(&lab, &closed, ProbeOutcome::Refused);
+
+    assert_eq!(
+        identity_via_http(&lab, ("alpha", "client"), db, 5432),
+        "beta/db\n",
+        "the right pod answers"
+    );
+    let mut stream = lab
+        .open_tcp(("beta", "db"), web, 8080)
+        .expect("a long-lived connection opens");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for line in ["first\n", "second\n"] {
+        stream.write_all(line.as_bytes()).expect("send a line");
+        let mut echoed = String::new();
+        reader
+            .read_line(&mut echoed)
+            .expect("the echo server answers");
+        assert_eq!(echoed, line, "a non-HTTP connection is a line echo");
+    }
+    assert_eq!(
+        lab.tcp_connect_from_node(db, 5432, Duration::from_secs(1)),
+        ProbeOutcome::Connected
+    );
+
+    let dir = scratch_dir("manifests");
+    let path = lab
+        .write_cluster_manifests(&dir)
+        .unwrap_or_else(|e| panic!("write manifests: {e:#}"));
+    let stored = LabSpec::load(&path)
+        .unwrap_or_else(|e| panic!("{} should parse back: {e:#}", path.display()));
+    assert_eq!(stored.namespaces.len(), 2);
+    for namespace in &stored.namespaces {
+        let labels = namespace.metadata.labels.clone().unwrap_or_default();
+        let name = namespace.metadata.name.clone().unwrap();
+        assert_eq!(
+            labels.get("kubernetes.io/metadata.name"),
+            Some(&name),
+            "namespace {name} lacks its name label"
+        );
+    }
+    assert_eq!(
+        stored.namespaces[0].metadata.labels.as_ref().unwrap()["team"],
+        "a",
+        "spec labels are kept"
+    );
+    assert_eq!(stored.pods.len(), 3);
+    for pod in &stored.pods {
+        let (namespace, name) = (
+            pod.metadata.namespace.clone().unwrap(),
+            pod.metadata.name.clone().unwrap(),
+        );
+        let ip = lab.pod_ip(&namespace, &name).to_string();
+        let status = pod
+            .status
+            .as_ref()
+            .unwrap_or_else(|| panic!("{namespace}/{name} has no status"));
+        assert_eq!(
+            status.pod_ip.as_deref(),
+            Some(ip.as_str()),
+            "{namespace}/{name} podIP"
+        );
+        assert_eq!(
+            status.pod_ips.as_ref().map(|ips| ips[0].ip.clone()),
+            Some(ip),
+            "{namespace}/{name} podIPs"
+        );
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(
+            pod.spec.as_ref().unwrap().node_name.as_deref(),
+            Some(lab.node_name()),
+            "{namespace}/{name} nodeName"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
+}
+
+#[test]
+fn lab_root_drop_removes_every_namespace_and_the_state_dir() {
+    require_root();
+    let lab = start(TWO_NAMESPACES_THREE_PODS);
+    let netns = lab.netns_names().to_vec();
+    let state_dir = lab.state_dir();
+    assert_eq!(netns.len(), 4, "a node namespace and three pod namespaces");
+    let listed = netns_list();
+    for name in &netns {
+        assert!(
+            is_listed(&listed, name),
+            "{name} should exist while the lab runs"
+        );
+    }
+    assert!(
+        state_dir.join("owner").is_file(),
+        "the lab records its owner"
+    );
+    // A long-lived connection must not keep the teardown waiting.
+    let _open = lab
+        .open_tcp(("alpha", "web"), lab.pod_ip("beta", "db"), 5432)
+        .expect("connect");
+
+    drop(lab);
+
+    let listed = netns_list();
+    for name in &netns {
+        assert!(
+            !is_listed(&listed, name),
+            "{name} survived the lab's drop:\n{listed}"
+        );
+    }
+    assert!(
+        !state_dir.exists(),
+        "{} survived the lab's drop",
+        state_dir.display()
+    );
+}
+
+#[test]
+fn lab_root_parallel_labs_do_not_interfere() {
+    require_root();
+    // Same pod CIDR, so both labs hand out the same addresses: only isolation keeps them apart.
+    let spec = |prefix: &str| {
+        format!(
+            "kind: Pod\napiVersion: v1\nmetadata: {{name: {prefix}1}}\nspec: {{containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}\n\
+             ---\nkind: Pod\napiVersion: v1\nmetadata: {{name: {prefix}2}}\nspec: {{containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}\n"
+        )
+    };
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| start(&spec("a")));
+        let b = scope.spawn(|| start(&spec("b")));
+        (
+            a.join().expect("lab a should start"),
+            b.join().expect("lab b should start"),
+        )
+    });
+    assert_ne!(a.node_netns(), b.node_netns());
+    assert_ne!(a.node_name(), b.node_name(), "each lab is its own node");
+    assert_eq!(
+        a.pod_ip("default", "a2"),
+        b.pod_ip("default", "b2"),
+        "the same CIDR yields the same addresses"
+    );
+
+    std::thread::scope(|scope| {
+        for (lab, src, dst) in [(&a, "a1", "a2"), (&b, "b1", "b2")] {
+            scope.spawn(move || {
+                let ip = lab.pod_ip("default", dst);
+                assert_outcomes(
+                    lab,
+                    &[
+                        Probe::http(("default", src), ip, 80),
+                        Probe::tcp(("default", src), ip, 80),
+                    ],
+                    ProbeOutcome::Connected,
+                );
+                assert_eq!(
+                    identity_via_http(lab, ("default", src), ip, 80),
+                    format!("default/{dst}\n"),
+                    "lab {} reached another lab's pod",
+                    lab.id()
+                );
+            });
+        }
+    });
+
+    let b_netns = b.netns_names().to_vec();
+    drop(b);
+    let ip = a.pod_ip("default", "a2");
+    assert_outcomes(
+        &a,
+        &[Probe::tcp(("default", "a1"), ip, 80)],
+        ProbeOutcome::Connected,
+    );
+    let listed = netns_list();
+    assert!(
+        b_netns.iter().all(|n| !is_listed(&listed, n)),
+        "lab b's namespaces outlived it:\n{listed}"
+    );
+    assert!(
+        a.netns_names().iter().all(|n| is_listed(&listed, n)),
+        "dropping lab b touched lab a:\n{listed}"
+    );
+}
+
+#[test]
+fn lab_root_cleanup_stale_removes_labs_of_dead_processes_only() {
+    require_root();
+    let live = start(TWO_NAMESPACES_THREE_PODS);
+
+    // A lab "left behind" by a process that has exited: its owner pid is dead. The owner is
+    // written last because any sweep (parallel tests start labs) may act from then on.
+    let mut child = Command::new("true")
+        .spawn()
+        .expect("spawn a short-lived process");
+    let dead_pid = child.id();
+    child.wait().expect("the process exits");
+    let stale_netns = format!("npl-stale-{}", std::process::id());
+    let stale_dir = Path::new("/run/netpol-lab").join(format!("lab-stale-{}", std::process::id()));
+    let status = Command::new("ip")
+        .args(["netns", "add", &stale_netns])
+        .status()
+        .unwrap();
+    assert!(status.success(), "creating {stale_netns} failed");
+    std::fs::create_dir_all(&stale_dir).unwrap();
+    std::fs::write(stale_dir.join("netns"), format!("{stale_netns}\n")).unwrap();
+    std::fs::write(stale_dir.join("owner"), format!("{dead_pid} 1\n")).unwrap();
+
+    let removed = Lab::cleanup_stale().unwrap_or_else(|e| panic!("cleanup_stale: {e:#}"));
+
+    // A lab starting in a parallel test may have swept it first; either way it must be gone.
+    assert!(
+        !stale_dir.exists(),
+        "the stale lab's directory survived (removed: {removed:?})"
+    );
+    assert!(
+        !is_listed(&netns_list(), &stale_netns),
+        "{stale_netns} survived the sweep"
+    );
+    assert!(live.state_dir().exists(), "a live lab must never be swept");
+    assert!(
+        live.netns_names()
+            .iter()
+            .all(|n| is_listed(&netns_list(), n)),
+        "a live lab's namespaces were swept"
+    );
+    assert_outcomes(
+        &live,
+        &[Probe::tcp(
+            ("alpha", "web"),
+            live.pod_ip("beta", "db"),
+            5432,
+        )],
+        ProbeOutcome::Connected,
+    );
+}
+
+#[test]
+fn lab_root_dropped_flows_time_out_and_options_apply() {
+    require_root();
+    let spec =
+        LabSpec::from_yaml_str(TWO_NAMESPACES_THREE_PODS).expect("the test spec should parse");
+    let opts = LabOptions {
+        node_name: Some("worker-7".into()),
+        pod_cidr: "10.77.3.0/24".parse().unwrap(),
+        probe_timeout: Duration::from_millis(500),
+    };
+    let lab = Lab::start(&spec, opts).unwrap_or_else(|e| panic!("the lab should start: {e:#}"));
+    assert_eq!(lab.node_name(), "worker-7");
+    let web = lab.pod("alpha", "web").expect("alpha/web exists");
+    let client = lab.pod_ip("alpha", "client");
+    assert!(
+        lab.pods().all(|p| p.ip.to_string().starts_with("10.77.3.")),
+        "addresses come from the configured pod CIDR"
+    );
+
+    // Stand-in for a policy drop: web's replies to client vanish without an ICMP error.
+    let status = Command::new("ip")
+        .args([
+            "-n",
+            &web.netns,
+            "route",
+            "add",
+            "blackhole",
+            &format!("{client}/32"),
+        ])
+        .status()
+        .expect("ip route should run");
+    assert!(
+        status.success(),
+        "adding the blackhole route in {} failed",
+        web.netns
+    );
+
+    let from = ("alpha", "client");
+    let dropped = [
+        Probe::http(from, web.ip, 80),
+        Probe::tcp(from, web.ip, 8080),
+        Probe::udp(from, web.ip, 5353),
+    ];
+    let started = std::time::Instant::now();
+    assert_outcomes(&lab, &dropped, ProbeOutcome::TimedOut);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "parallel probes should cost about one timeout, took {:?}",
+        started.elapsed()
+    );
+    let unaffected = [
+        Probe::tcp(("beta", "db"), web.ip, 8080),
+        Probe::udp(("beta", "db"), web.ip, 5353),
+    ];
+    assert_outcomes(&lab, &unaffected, ProbeOutcome::Connected);
+}
+
+/// Set by `lab_root_cleanup_stale_removes_a_crashed_processs_lab` for its child process.
+const ABANDON_ENV: &str = "NETPOL_LAB_ABANDON_TO";
+
+/// Not a test of its own: the child half of the crash test below. It starts a lab, writes the
+/// lab's namespaces and directory to a file, and aborts, so no `Drop` runs.
+#[test]
+#[ignore = "helper process for lab_root_cleanup_stale_removes_a_crashed_processs_lab"]
+fn lab_root_helper_abandon_lab() {
+    let out = std::env::var(ABANDON_ENV).unwrap_or_else(|_| {
+        panic!("this helper only runs as the child of the crash test ({ABANDON_ENV} unset)")
+    });
+    let lab = start(TWO_NAMESPACES_THREE_PODS);
+    let mut record = lab.netns_names().join("\n");
+    record.push_str(&format!("\n{}\n", lab.state_dir().display()));
+    std::fs::write(&out, record).expect("write the abandoned lab's names");
+    std::process::abort();
+}
+
+#[test]
+fn lab_root_cleanup_stale_removes_a_crashed_processs_lab() {
+    require_root();
+    let out = scratch_dir("crash").join("abandoned");
+    let status = Command::new(std::env::current_exe().expect("the test binary's path"))
+        .args([
+            "--exact",
+            "lab_root_helper_abandon_lab",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(ABANDON_ENV, &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run the helper process");
+    assert!(
+        !status.success(),
+        "the helper must die without cleaning up, it exited with {status}"
+    );
+    let record = std::fs::read_to_string(&out).expect("the helper records what it left behind");
+    let mut left = record.lines().map(str::to_string).collect::<Vec<_>>();
+    let state_dir = PathBuf::from(left.pop().expect("the state directory is recorded"));
+    assert_eq!(
+        left.len(),
+        4,
+        "the helper's lab has a node and three pods: {left:?}"
+    );
+    // A parallel test's Lab::start may sweep first, so existence is not asserted here.
+
+    Lab::cleanup_stale().unwrap_or_else(|e| panic!("cleanup_stale: {e:#}"));
+
+    let listed = netns_list();
+    let survivors: Vec<_> = left.iter().filter(|n| is_listed(&listed, n)).collect();
+    assert!(
+        survivors.is_empty(),
+        "a dead process's namespaces survived the sweep: {survivors:?}"
+    );
+    assert!(
+        !state_dir.exists(),
+        "{} survived the sweep",
+        state_dir.display()
+    );
+    std::fs::remove_dir_all(out.parent().unwrap()).expect("remove the scratch directory");
+}
