@@ -50,7 +50,7 @@ pub fn lookup(key: &CtKey, dir: Direction, pkt: &Packet) -> Hit {
         }
     }
     let reversed = key.reversed();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&reversed) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(reversed) {
         // SAFETY: as above.
         let entry = unsafe { &mut *entry };
         if entry.dir == dir.opposite() as u8 && entry.expires > now {
@@ -84,7 +84,7 @@ pub fn create(key: &CtKey, dir: Direction, pkt: &Packet, rule_set: u32) -> Resul
         packets_rev: 0,
     };
     CONNTRACK
-        .insert(key, &value, 0)
+        .insert(key, value, 0)
         .map_err(|_| Reason::ConntrackFull)
 }
 

@@ -4,10 +4,7 @@
 //! reason counted. Allowed packets return `TC_ACT_UNSPEC` (TCX_NEXT) so programs attached
 //! after ours still run; with none, the kernel passes the packet.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use netpol_common::{Direction, Reason};
 
 use crate::{
@@ -18,11 +15,16 @@ use crate::{
     policy::decide,
 };
 
+/// `TC_ACT_UNSPEC`: TCX_NEXT, let the next program (or the kernel) decide.
+const PASS: i32 = -1;
+/// `TC_ACT_SHOT`: drop.
+const DROP: i32 = 2;
+
 pub fn handle(ctx: &TcContext, dir: Direction) -> i32 {
     let verdict = try_handle(ctx, dir);
     let (reason, action) = match verdict {
-        Ok(reason) => (reason, TC_ACT_UNSPEC),
-        Err(reason) => (reason, TC_ACT_SHOT as i32),
+        Ok(reason) => (reason, PASS),
+        Err(reason) => (reason, DROP),
     };
     count(dir, reason, ctx.len());
     action
@@ -33,7 +35,7 @@ fn try_handle(ctx: &TcContext, dir: Direction) -> Result<Reason, Reason> {
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: values are plain data; the agent replaces entries whole.
-    let ep = unsafe { ENDPOINTS.get(&ifindex) }.ok_or(Reason::NoEndpoint)?;
+    let ep = unsafe { ENDPOINTS.get(ifindex) }.ok_or(Reason::NoEndpoint)?;
     let pkt = match parse(ctx)? {
         Parsed::Control => return Ok(Reason::Control),
         Parsed::Ip(pkt) => pkt,

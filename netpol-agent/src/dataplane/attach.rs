@@ -85,7 +85,7 @@ pub fn attached(interface: &str, hook: Hook) -> Result<Vec<AttachedProgram>, Dat
                 program: hook.program(),
                 interface: interface.to_string(),
                 hook: hook.name(),
-                source,
+                source: Box::new(source),
             }
         })?;
     Ok(programs
@@ -126,14 +126,17 @@ impl Dataplane {
             program: name,
             interface: interface.to_string(),
             hook: hook.name(),
-            source,
+            source: Box::new(source),
         };
         let program = self.program(name)?;
         let tag = format!(
             "{:016x}",
             program
                 .info()
-                .map_err(|source| DataplaneError::Program { name, source })?
+                .map_err(|source| DataplaneError::Program {
+                    name,
+                    source: Box::new(source)
+                })?
                 .tag()
         );
 
@@ -144,7 +147,7 @@ impl Dataplane {
                 .collect();
             let pinned = PinnedLink::from_pin(&pin).map_err(|source| DataplaneError::Link {
                 path: pin.clone(),
-                source,
+                source: Box::new(source),
             })?;
             if let Some(current) = ours.first() {
                 if current.tag == tag {
@@ -155,7 +158,7 @@ impl Dataplane {
                     SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
                         DataplaneError::Link {
                             path: pin.clone(),
-                            source,
+                            source: Box::new(source),
                         }
                     })?;
                 let id = program.attach_to_link(link).map_err(attach_err)?;
@@ -167,7 +170,7 @@ impl Dataplane {
             pinned.unpin().map_err(|source| DataplaneError::Pin {
                 action: "unpinning",
                 path: pin.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         let id = program
@@ -180,12 +183,12 @@ impl Dataplane {
         let link = program.take_link(id).map_err(attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
             path: pin.clone(),
-            source,
+            source: Box::new(source),
         })?;
         fd_link.pin(&pin).map_err(|e| DataplaneError::Pin {
             action: "pinning",
             path: pin.clone(),
-            source: std::io::Error::other(e.to_string()),
+            source: Box::new(std::io::Error::other(e.to_string())),
         })?;
         Ok(AttachOutcome::Attached)
     }
@@ -208,7 +211,7 @@ fn link_pins(pins: &PinDir) -> Result<Vec<(u32, Hook, PathBuf)>, DataplaneError>
             return Err(DataplaneError::Pin {
                 action: "listing",
                 path: dir,
-                source,
+                source: Box::new(source),
             })
         }
     };
@@ -248,14 +251,14 @@ fn unpin_link(path: &PathBuf) -> Result<(), DataplaneError> {
             link.unpin().map_err(|source| DataplaneError::Pin {
                 action: "unpinning",
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         Err(_) => {
             fs::remove_file(path).map_err(|source| DataplaneError::Pin {
                 action: "removing",
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
     }

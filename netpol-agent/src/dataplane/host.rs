@@ -53,7 +53,7 @@ pub fn parse_ipv6_routes(text: &str) -> Vec<Route> {
 }
 
 /// The interface of the longest route containing `ip` (loopback excluded).
-pub fn longest_route<'a>(routes: &'a [Route], ip: IpAddr) -> Option<&'a Route> {
+pub fn longest_route(routes: &[Route], ip: IpAddr) -> Option<&Route> {
     routes
         .iter()
         .filter(|r| r.interface != "lo")
@@ -66,7 +66,7 @@ pub fn routes() -> Result<Vec<Route>, DataplaneError> {
     let read = |path: &str| {
         fs::read_to_string(path).map_err(|source| DataplaneError::Host {
             what: format!("reading {path}"),
-            source,
+            source: Box::new(source),
         })
     };
     let mut routes = parse_ipv4_routes(&read("/proc/net/route")?);
@@ -103,7 +103,7 @@ pub fn addresses() -> Result<Vec<IpAddr>, DataplaneError> {
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(DataplaneError::Host {
             what: "getifaddrs".into(),
-            source: std::io::Error::last_os_error(),
+            source: Box::new(std::io::Error::last_os_error()),
         });
     }
     let mut out = Vec::new();

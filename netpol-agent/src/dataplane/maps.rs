@@ -21,7 +21,7 @@ fn map_err(pins: &PinDir, name: &'static str) -> impl Fn(MapError) -> DataplaneE
     move |source| DataplaneError::Map {
         name,
         path: path.clone(),
-        source,
+        source: Box::new(source),
     }
 }
 

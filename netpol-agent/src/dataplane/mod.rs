@@ -33,27 +33,27 @@ pub enum DataplaneError {
     Load {
         pin_dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {name} ({path})")]
     Map {
         name: &'static str,
         path: PathBuf,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("{action} {path}")]
     Pin {
         action: &'static str,
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: Box<io::Error>,
     },
     #[error("attaching {program} to {hook} of {interface}")]
     Attach {
@@ -61,19 +61,19 @@ pub enum DataplaneError {
         interface: String,
         hook: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("link {path}")]
     Link {
         path: PathBuf,
         #[source]
-        source: aya::programs::links::LinkError,
+        source: Box<aya::programs::links::LinkError>,
     },
     #[error("{what}")]
     Host {
         what: String,
         #[source]
-        source: io::Error,
+        source: Box<io::Error>,
     },
     #[error("{path} is not on a bpffs mount (mount -t bpf bpf {BPFFS})")]
     NotBpffs { path: PathBuf },
@@ -146,7 +146,7 @@ impl Dataplane {
             fs::create_dir_all(&dir).map_err(|source| DataplaneError::Pin {
                 action: "creating",
                 path: dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         let mut ebpf = EbpfLoader::new()
@@ -154,12 +154,15 @@ impl Dataplane {
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
                 pin_dir: pins.maps(),
-                source,
+                source: Box::new(source),
             })?;
         for name in [prog_name::POD_EGRESS, prog_name::POD_INGRESS] {
             program(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+                .map_err(|source| DataplaneError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
         }
         Ok(Self {
             ebpf,
@@ -183,12 +186,15 @@ fn program<'a>(
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
     let missing = || DataplaneError::Program {
         name,
-        source: ProgramError::UnexpectedProgramType,
+        source: Box::new(ProgramError::UnexpectedProgramType),
     };
     ebpf.program_mut(name)
         .ok_or_else(missing)?
         .try_into()
-        .map_err(|source| DataplaneError::Program { name, source })
+        .map_err(|source| DataplaneError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 /// Removes every pin and link under the node's directory. Programs detach as their last
@@ -199,7 +205,7 @@ pub fn reset(pins: &PinDir) -> Result<attach::ResetReport, DataplaneError> {
         fs::remove_dir_all(pins.path()).map_err(|source| DataplaneError::Pin {
             action: "removing",
             path: pins.path().to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
     }
     // Remove `<bpffs>/netpol` too once no node is left in it.

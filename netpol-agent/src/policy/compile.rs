@@ -162,6 +162,9 @@ pub struct Compiled {
     pub warnings: Vec<String>,
 }
 
+/// Resolves a named port for a protocol on some pod.
+type NamedPorts<'a> = &'a dyn Fn(&str, Protocol) -> Option<u16>;
+
 /// How a resolved port appears in a policy entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum PortMatch {
@@ -430,9 +433,7 @@ impl Context<'_> {
             }
         };
         // Ports that do not depend on the peer (numbers, or names resolved on the destination).
-        let fixed = |named_on: Option<&dyn Fn(&str, Protocol) -> Option<u16>>| {
-            resolve_ports(&rule.ports, named_on)
-        };
+        let fixed = |named_on: Option<NamedPorts<'_>>| resolve_ports(&rule.ports, named_on);
         let dest_named =
             |name: &str, proto: Protocol| dest_pod.and_then(|p| p.named_port(name, proto));
         let has_named = rule
@@ -526,10 +527,7 @@ impl Context<'_> {
 }
 
 /// Resolves a rule's ports. Named ports resolve through `named` (None: they are left out).
-fn resolve_ports(
-    ports: &[PortSpec],
-    named: Option<&dyn Fn(&str, Protocol) -> Option<u16>>,
-) -> Vec<PortMatch> {
+fn resolve_ports(ports: &[PortSpec], named: Option<NamedPorts<'_>>) -> Vec<PortMatch> {
     if ports.is_empty() {
         return vec![PortMatch::Any];
     }

@@ -11,5 +11,8 @@ pub mod model;
 pub mod ports;
 pub mod selector;
 
+#[cfg(test)]
+mod tests;
+
 pub use compile::{compile, Compiled, Scope};
 pub use model::Snapshot;

@@ -182,3 +182,103 @@ fn unreadable_policy(id: ObjectRef) -> Policy {
         egress: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> (Snapshot, Vec<String>) {
+        let mut snap = Snapshot::default();
+        let mut errors = Vec::new();
+        add_documents(Path::new("t.yaml"), text, &mut snap, &mut errors);
+        (snap, errors.iter().map(ToString::to_string).collect())
+    }
+
+    fn policy(spec: &str) -> String {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: n}}\nspec: {spec}\n")
+    }
+
+    #[test]
+    fn policy_types_default_from_rules() {
+        let cases = [
+            ("{podSelector: {}}", (true, false)),
+            ("{podSelector: {}, egress: [{}]}", (true, true)),
+            // An empty list is no egress section for the defaulting (as the API server does).
+            ("{podSelector: {}, egress: []}", (true, false)),
+            ("{podSelector: {}, policyTypes: [Egress]}", (false, true)),
+            (
+                "{podSelector: {}, policyTypes: [Egress], ingress: [{}]}",
+                (false, true),
+            ),
+        ];
+        for (spec, (ingress, egress)) in cases {
+            let (snap, errors) = load_str(&policy(spec));
+            assert!(errors.is_empty(), "{spec}: {errors:?}");
+            let p = &snap.policies[0];
+            assert_eq!(
+                (p.ingress_isolates, p.egress_isolates),
+                (ingress, egress),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_named_and_fail_closed() {
+        let cases = [
+            ("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}", "spec.ingress[0].from[0].ipBlock.cidr"),
+            ("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}", "spec.ingress[0].from[0].ipBlock.except[0]"),
+            ("{podSelector: {}, egress: [{ports: [{port: 90, endPort: 80}]}]}", "spec.egress[0].ports[0].endPort"),
+            ("{podSelector: {}, egress: [{ports: [{port: http, endPort: 80}]}]}", "spec.egress[0].ports[0].endPort"),
+            ("{podSelector: {}, ingress: [{ports: [{protocol: ICMP, port: 1}]}]}", "spec.ingress[0].ports[0].protocol"),
+            ("{podSelector: {matchExpressions: [{key: a, operator: Near}]}}", "spec.podSelector.matchExpressions[0].operator"),
+        ];
+        for (spec, field) in cases {
+            let (snap, errors) = load_str(&policy(spec));
+            assert_eq!(errors.len(), 1, "{spec}: {errors:?}");
+            assert!(
+                errors[0].starts_with("NetworkPolicy n/p: ") && errors[0].contains(field),
+                "{spec}: {}",
+                errors[0]
+            );
+            let p = &snap.policies[0];
+            assert!(
+                p.ingress.is_empty() && p.egress.is_empty(),
+                "{spec}: an invalid policy grants nothing"
+            );
+            assert!(
+                p.ingress_isolates || p.egress_isolates,
+                "{spec}: but still isolates"
+            );
+        }
+    }
+
+    #[test]
+    fn unreadable_policy_isolates_its_namespace() {
+        let (snap, errors) = load_str(&policy("{podSelector: 7}"));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("NetworkPolicy n/p"), "{}", errors[0]);
+        let p = &snap.policies[0];
+        assert!(p.ingress_isolates && p.egress_isolates && p.pod_selector.match_labels.is_empty());
+    }
+
+    #[test]
+    fn pods_lists_and_bad_yaml() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a}, status: {podIP: 10.1.1.1}}\n- {apiVersion: v1, kind: Pod, metadata: {name: b}}\n- {apiVersion: v1, kind: Pod, metadata: {name: c}, status: {podIP: bogus}}\n";
+        let (snap, errors) = load_str(text);
+        let names: Vec<String> = snap.pods.iter().map(|p| p.id.to_string()).collect();
+        assert_eq!(
+            names,
+            vec!["default/a"],
+            "pods without a usable address are left out"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("Pod default/c: status.podIPs[0]")),
+            "{errors:?}"
+        );
+        let (_, errors) = load_str("kind: [unclosed\n");
+        assert!(errors[0].contains("invalid YAML"), "{errors:?}");
+    }
+}

@@ -208,6 +208,12 @@ impl Lab {
 
     /// A command that runs `program` inside the node's network namespace (with `nsenter`, so
     /// the host's /sys and bpffs stay visible).
+    /// Runs `f` on a thread inside the node's network namespace (for netlink-, procfs- or
+    /// bpf-based checks that must see the node's interfaces).
+    pub fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        super::netns::in_netns(&self.node_netns(), f)
+    }
+
     pub fn node_command(&self, program: &str) -> Command {
         nsenter_command(&self.names.node_netns(), program)
     }

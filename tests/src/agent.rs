@@ -1,0 +1,169 @@
+//! Drives the real `netpol-agent` binary against a lab node, the way a DaemonSet runs it on a
+//! host: inside the node's network namespace only (`nsenter --net`), with the host's bpffs and
+//! a pin directory of the node's own. Resets on drop, so a failing test leaves no pin or link.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::lab::Lab;
+
+/// The agent binary: `$NETPOL_AGENT_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NETPOL_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/netpol-agent");
+    assert!(
+        path.exists(),
+        "netpol-agent not built at {} (run `cargo xtask test`, or set NETPOL_AGENT_BIN)",
+        path.display()
+    );
+    path
+}
+
+pub struct Agent<'a> {
+    lab: &'a Lab,
+    bin: PathBuf,
+    /// Manifests the agent reads: the lab's cluster objects plus the current policies.
+    manifests: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl<'a> Agent<'a> {
+    pub fn new(lab: &'a Lab) -> Result<Self> {
+        let manifests = lab.state_dir().join("manifests");
+        fs::create_dir_all(&manifests)?;
+        lab.write_cluster_manifests(&manifests)?;
+        Ok(Self {
+            lab,
+            bin: agent_bin(),
+            state_dir: lab.state_dir().join("agent"),
+            manifests,
+        })
+    }
+
+    pub fn manifests_dir(&self) -> &Path {
+        &self.manifests
+    }
+
+    fn policies_dir(&self) -> PathBuf {
+        self.manifests.join("policies")
+    }
+
+    /// Replaces the policy files the agent reads with `policies` (name, YAML).
+    pub fn set_policies(&self, policies: &[(&str, &str)]) -> Result<()> {
+        let dir = self.policies_dir();
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir)?;
+        for (name, yaml) in policies {
+            fs::write(dir.join(format!("{name}.yaml")), yaml)?;
+        }
+        Ok(())
+    }
+
+    /// Copies policy files (e.g. `deploy/examples/*.yaml`) in as the current policies.
+    pub fn set_policy_files(&self, files: &[PathBuf]) -> Result<()> {
+        let contents: Vec<(String, String)> = files
+            .iter()
+            .map(|f| {
+                let name = f
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                fs::read_to_string(f)
+                    .map(|y| (name, y))
+                    .with_context(|| format!("reading {}", f.display()))
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<(&str, &str)> = contents
+            .iter()
+            .map(|(n, y)| (n.as_str(), y.as_str()))
+            .collect();
+        self.set_policies(&refs)
+    }
+
+    /// Runs an agent subcommand in the node's network namespace with this node's flags.
+    pub fn command(&self, sub: &str, extra: &[&str]) -> Result<Output> {
+        let mut cmd = self.lab.node_command(&self.bin.to_string_lossy());
+        cmd.arg(sub)
+            .args(["--node-name", self.lab.node_name()])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(extra)
+            .env("NETPOL_LOG", "warn");
+        cmd.output()
+            .with_context(|| format!("running {} {sub}", self.bin.display()))
+    }
+
+    /// `apply --manifests <dir>`; fails unless the agent exits 0.
+    pub fn apply(&self) -> Result<String> {
+        let dir = self.manifests.to_string_lossy().into_owned();
+        let out = self.command("apply", &["--manifests", &dir])?;
+        if !out.status.success() {
+            bail!(
+                "netpol-agent apply failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn dump_table(&self, pod: Option<&str>) -> Result<String> {
+        let mut extra = vec![];
+        if let Some(p) = pod {
+            extra.extend(["--pod", p]);
+        }
+        let out = self.command("dump", &extra)?;
+        if !out.status.success() {
+            bail!(
+                "netpol-agent dump failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn dump_json(&self) -> Result<serde_json::Value> {
+        let out = self.command("dump", &["-o", "json"])?;
+        if !out.status.success() {
+            bail!(
+                "netpol-agent dump failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing dump -o json")
+    }
+
+    pub fn reset(&self) -> Result<String> {
+        let out = self.command("reset", &[])?;
+        if !out.status.success() {
+            bail!(
+                "netpol-agent reset failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The node's pin directory (what `reset` must remove).
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/netpol").join(self.lab.node_name())
+    }
+}
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.reset() {
+            eprintln!("netpol test agent: reset on drop failed: {e:#}");
+        }
+    }
+}
