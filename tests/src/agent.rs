@@ -103,6 +103,21 @@ impl<'a> Agent<'a> {
             .with_context(|| format!("running {} {sub}", self.bin.display()))
     }
 
+    /// Starts `run --manifests <dir>` in the background (the caller stops it by PID).
+    pub fn spawn_run(&self) -> Result<std::process::Child> {
+        let mut cmd = self.lab.node_command(&self.bin.to_string_lossy());
+        cmd.arg("run")
+            .args(["--node-name", self.lab.node_name()])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--poll-ms", "100"])
+            .env("NETPOL_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        cmd.spawn().context("spawning netpol-agent run")
+    }
+
     /// `apply --manifests <dir>`; fails unless the agent exits 0.
     pub fn apply(&self) -> Result<String> {
         let dir = self.manifests.to_string_lossy().into_owned();

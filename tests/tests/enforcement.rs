@@ -427,3 +427,46 @@ fn root_three_tier_demo_matrix() {
         after.render()
     );
 }
+
+/// Polls `check` until it holds or `timeout` passes.
+fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+#[test]
+fn root_run_reprograms_on_change_and_leaves_enforcement_on_exit() {
+    let lab = lab();
+    let agent = Agent::new(&lab).unwrap();
+    agent.set_policies(&[]).unwrap();
+    let mut child = agent.spawn_run().unwrap();
+    let programmed = eventually(Duration::from_secs(15), || {
+        agent
+            .dump_json()
+            .is_ok_and(|d| d["endpoints"].as_array().is_some_and(|e| e.len() == 4))
+    });
+    assert!(programmed, "run programmed every pod");
+    assert_open(tcp(&lab, "t/a", "t/b", 8080), "a -> b with no policy");
+
+    agent.set_policies(&[("deny-b", DENY_B_INGRESS)]).unwrap();
+    let closed = eventually(Duration::from_secs(10), || {
+        tcp(&lab, "t/a", "t/b", 8080) == ProbeOutcome::TimedOut
+    });
+    assert!(closed, "run applied the new policy");
+
+    // Stop it the way Kubernetes does, by PID.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM to the agent");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "run exits cleanly on SIGTERM: {status}");
+    assert_dropped(
+        tcp(&lab, "t/a", "t/b", 8080),
+        "enforcement stays after the agent exits",
+    );
+}

@@ -86,6 +86,7 @@ impl Lab {
             netns: Vec::new(),
             servers: None,
         };
+        state::record_node(&lab.names.dir(), &lab.node_name)?;
         lab.build()
             .with_context(|| format!("starting lab {}", lab.names.id))?;
         Ok(lab)

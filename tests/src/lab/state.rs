@@ -14,6 +14,16 @@ use super::netns;
 
 const OWNER_FILE: &str = "owner";
 const NETNS_FILE: &str = "netns";
+/// The lab's node name: an agent run on the node pins under `/sys/fs/bpf/netpol/<node>`.
+const NODE_FILE: &str = "node";
+/// Where netpol-agent pins per node (its layout; the lab removes a dead lab's pins).
+const AGENT_PIN_ROOT: &str = "/sys/fs/bpf/netpol";
+
+/// Records the node name, so a sweep can remove what an agent pinned for this lab's node.
+pub fn record_node(dir: &Path, node: &str) -> Result<()> {
+    fs::write(dir.join(NODE_FILE), node)
+        .with_context(|| format!("recording node of {}", dir.display()))
+}
 
 /// A directory younger than this without a readable owner may be a lab that is starting right
 /// now (the owner is written just after the directory is made), so a sweep leaves it alone.
@@ -88,6 +98,20 @@ pub fn remove_lab(dir: &Path) -> Result<()> {
         }
     };
     let mut failures = Vec::new();
+    // Pins of an agent that ran on the node (a demo stopped by Ctrl-C, a killed test): its
+    // links died with the node's interfaces; unpinning frees the maps.
+    if let Ok(node) = fs::read_to_string(dir.join(NODE_FILE)) {
+        let node = node.trim();
+        if !node.is_empty() && !node.contains('/') {
+            let pins = Path::new(AGENT_PIN_ROOT).join(node);
+            match fs::remove_dir_all(&pins) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    failures.push(format!("removing {}: {e}", pins.display()))
+                }
+                _ => {}
+            }
+        }
+    }
     for name in recorded.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if let Err(e) = netns::delete_netns(name) {
             failures.push(format!("{e:#}"));
