@@ -31,6 +31,8 @@ pub enum Command {
     Reset(NodeArgs),
     /// Show what is programmed in the kernel, decoded.
     Dump(DumpArgs),
+    /// Evaluate pod-to-pod reachability from the compiled map contents, and say why.
+    Simulate(SimulateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -115,4 +117,24 @@ fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[arg(long, required = true, num_args = 1..)]
+    pub manifests: Vec<PathBuf>,
+    /// Only from this pod (`namespace/name`).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only to this pod (`namespace/name`).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only this port (default: every container port of each destination).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Protocol of `--port` (default TCP), or a filter on container ports.
+    #[arg(long, value_parser = ["TCP", "UDP", "SCTP"])]
+    pub protocol: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
 }

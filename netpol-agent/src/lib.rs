@@ -9,4 +9,5 @@ pub mod dump;
 pub mod names;
 pub mod policy;
 pub mod reconcile;
+pub mod simulate;
 pub mod source;

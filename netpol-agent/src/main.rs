@@ -9,8 +9,8 @@ use clap::Parser as _;
 use tracing::{error, warn};
 
 use netpol_agent::{
-    cli::{ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output},
-    dataplane, dump, policy, reconcile, source,
+    cli::{ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output, SimulateArgs},
+    dataplane, dump, policy, reconcile, simulate, source,
 };
 
 fn main() -> ExitCode {
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Reset(args) => reset(&args),
         Command::Dump(args) => dump(&args),
+        Command::Simulate(args) => simulate_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +132,40 @@ fn dump(args: &DumpArgs) -> anyhow::Result<()> {
     match args.output {
         Output::Table => print!("{}", dump::render_table(&dump)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&dump)?),
+    }
+    Ok(())
+}
+
+fn pod_ref(arg: Option<&str>, flag: &str) -> anyhow::Result<Option<policy::model::ObjectRef>> {
+    arg.map(|s| {
+        s.split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+            .map(|(ns, name)| policy::model::ObjectRef::new(ns, name))
+            .ok_or_else(|| anyhow::anyhow!("{flag} {s:?}: expected namespace/name"))
+    })
+    .transpose()
+}
+
+fn simulate_cmd(args: &SimulateArgs) -> anyhow::Result<()> {
+    let snapshot = load_snapshot(&args.manifests, false)?;
+    let query = simulate::Query {
+        from: pod_ref(args.from.as_deref(), "--from")?,
+        to: pod_ref(args.to.as_deref(), "--to")?,
+        port: args.port,
+        protocol: args
+            .protocol
+            .as_deref()
+            .and_then(policy::model::Protocol::parse),
+    };
+    for side in [&query.from, &query.to].into_iter().flatten() {
+        if !snapshot.pods.iter().any(|p| &p.id == side) {
+            bail!("pod {side} is not in the manifests (or has no address)");
+        }
+    }
+    let sim = simulate::simulate(&snapshot, &query);
+    match args.output {
+        Output::Table => print!("{}", simulate::render_table(&sim)),
+        Output::Json => println!("{}", serde_json::to_string(&sim)?),
     }
     Ok(())
 }
