@@ -14,5 +14,8 @@ pub mod selector;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod property;
+
 pub use compile::{compile, Compiled, Scope};
 pub use model::Snapshot;
