@@ -9,6 +9,7 @@ pub mod desired;
 pub mod evaluate;
 pub mod model;
 pub mod ports;
+pub mod render;
 pub mod selector;
 
 #[cfg(test)]
