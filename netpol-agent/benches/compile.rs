@@ -12,7 +12,7 @@ use std::{
 
 use netpol_agent::policy::{
     compile,
-    desired::{diff, map_contents},
+    desired::{diff, diff_touched, map_contents},
     model::{
         ContainerPort, Labels, Namespace, ObjectRef, Peer, Pod, Policy, PortSpec, Protocol, Rule,
         Snapshot, NAMESPACE_NAME_LABEL,
@@ -45,7 +45,10 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 /// 100 namespaces x 100 pods: 10 apps of 10 replicas each, 2 tiers; 10 policies a namespace:
@@ -58,7 +61,10 @@ fn cluster() -> Snapshot {
         snap.namespaces.insert(
             name.clone(),
             Namespace {
-                labels: labels(&[(NAMESPACE_NAME_LABEL, name.clone()), ("env", format!("e{}", n % 4))]),
+                labels: labels(&[
+                    (NAMESPACE_NAME_LABEL, name.clone()),
+                    ("env", format!("e{}", n % 4)),
+                ]),
                 name: name.clone(),
             },
         );
@@ -66,11 +72,18 @@ fn cluster() -> Snapshot {
             let i = n * 100 + p;
             snap.pods.push(Pod {
                 id: ObjectRef::new(name.clone(), format!("pod{p}")),
-                labels: labels(&[("app", format!("app{}", p % 10)), ("tier", format!("t{}", p % 2))]),
+                labels: labels(&[
+                    ("app", format!("app{}", p % 10)),
+                    ("tier", format!("t{}", p % 2)),
+                ]),
                 node_name: Some(format!("node{}", i % 50)),
                 ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i + 1))],
                 host_network: false,
-                ports: vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }],
+                ports: vec![ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                }],
             });
         }
         for a in 0..10u32 {
@@ -86,10 +99,19 @@ fn cluster() -> Snapshot {
                 ingress: vec![
                     Rule {
                         peers: vec![
-                            Peer::Pods { namespaces: None, pods: Some(app(a + 1)) },
-                            Peer::Pods { namespaces: None, pods: Some(app(a + 2)) },
+                            Peer::Pods {
+                                namespaces: None,
+                                pods: Some(app(a + 1)),
+                            },
+                            Peer::Pods {
+                                namespaces: None,
+                                pods: Some(app(a + 2)),
+                            },
                         ],
-                        ports: vec![PortSpec::Named { protocol: Protocol::Tcp, name: "http".into() }],
+                        ports: vec![PortSpec::Named {
+                            protocol: Protocol::Tcp,
+                            name: "http".into(),
+                        }],
                     },
                     Rule {
                         peers: vec![Peer::Pods {
@@ -99,20 +121,33 @@ fn cluster() -> Snapshot {
                             }),
                             pods: Some(app(a)),
                         }],
-                        ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: 9000, last: 9100 }],
+                        ports: vec![PortSpec::Range {
+                            protocol: Protocol::Tcp,
+                            first: 9000,
+                            last: 9100,
+                        }],
                     },
                 ],
                 egress: vec![
                     Rule {
-                        peers: vec![Peer::Pods { namespaces: None, pods: Some(app(a + 1)) }],
-                        ports: vec![PortSpec::Range { protocol: Protocol::Tcp, first: 8080, last: 8080 }],
+                        peers: vec![Peer::Pods {
+                            namespaces: None,
+                            pods: Some(app(a + 1)),
+                        }],
+                        ports: vec![PortSpec::Range {
+                            protocol: Protocol::Tcp,
+                            first: 8080,
+                            last: 8080,
+                        }],
                     },
                     Rule {
                         peers: vec![Peer::IpBlock {
                             cidr: "172.16.0.0/12".parse().unwrap(),
                             except: vec!["172.16.5.0/24".parse().unwrap()],
                         }],
-                        ports: vec![PortSpec::AllOf { protocol: Protocol::Udp }],
+                        ports: vec![PortSpec::AllOf {
+                            protocol: Protocol::Udp,
+                        }],
                     },
                 ],
             });
@@ -129,10 +164,16 @@ fn main() {
         snap.pods.len(),
         snap.namespaces.len(),
         snap.policies.len(),
-        snap.pods.iter().filter(|p| p.node_name.as_deref() == Some("node0")).count()
+        snap.pods
+            .iter()
+            .filter(|p| p.node_name.as_deref() == Some("node0"))
+            .count()
     );
 
-    for (label, scope) in [("node scope", scope.clone()), ("cluster scope (simulate)", Scope::Cluster)] {
+    for (label, scope) in [
+        ("node scope", scope.clone()),
+        ("cluster scope (simulate)", Scope::Cluster),
+    ] {
         let base = CURRENT.load(Ordering::Relaxed);
         PEAK.store(base, Ordering::Relaxed);
         let t = Instant::now();
@@ -150,21 +191,52 @@ fn main() {
         );
     }
 
-    // One pod relabel: compile again, then diff against the previous map contents.
+    // One pod relabel to a label set no pod had: a new identity, new entries in every class
+    // that selects it, a new class for the pod itself.
     let before = compile(&snap, &scope, &[]);
     let ifindex: BTreeMap<ObjectRef, u32> = before.endpoints.keys().cloned().zip(10..).collect();
     let before_maps = map_contents(&before, &ifindex);
     let mut after_snap = snap.clone();
-    let pod = after_snap.pods.iter_mut().find(|p| p.id.name == "pod3" && p.id.namespace == "ns7").unwrap();
-    pod.labels.insert("app".into(), "app5".into());
+    let target = ObjectRef::new("ns0", "pod50");
+    assert!(
+        before.endpoints.contains_key(&target),
+        "the relabelled pod is local to node0"
+    );
+    let pod = after_snap.pods.iter_mut().find(|p| p.id == target).unwrap();
+    pod.labels.insert("app".into(), "app1".into());
+    pod.labels.insert("canary".into(), "true".into());
+
+    let mut incremental = before.clone();
     let t = Instant::now();
-    let after = compile(&after_snap, &scope, &[]);
-    let after_maps = map_contents(&after, &ifindex);
-    let d = diff(&after_maps, &before_maps);
+    let touched = incremental
+        .relabel_pod(&after_snap, &target)
+        .expect("handled incrementally");
+    let d = diff_touched(&incremental, &ifindex, &touched, &before_maps);
     let elapsed = t.elapsed();
+    assert_eq!(
+        d,
+        diff(&map_contents(&incremental, &ifindex), &before_maps),
+        "targeted diff is the whole diff"
+    );
     println!(
-        "relabel ns7/pod3 app3->app5 -> new map contents: {:.1} ms (full recompile + diff), {} map changes",
+        "relabel ns0/pod50 (new label set) -> new map contents, incremental: {:.2} ms, {} map changes",
         elapsed.as_secs_f64() * 1e3,
         d.changes()
+    );
+
+    let t = Instant::now();
+    let full = netpol_agent::policy::compile_with(&after_snap, &scope, &[], &before.allocation);
+    let full_maps = map_contents(&full, &ifindex);
+    let d_full = diff(&full_maps, &before_maps);
+    let elapsed = t.elapsed();
+    println!(
+        "same relabel, full compile keeping ids + diff (baseline): {:.1} ms, {} map changes",
+        elapsed.as_secs_f64() * 1e3,
+        d_full.changes()
+    );
+    let fresh = map_contents(&compile(&after_snap, &scope, &[]), &ifindex);
+    println!(
+        "same relabel, full compile with fresh ids (what stable ids avoid): {} map changes",
+        diff(&fresh, &before_maps).changes()
     );
 }

@@ -79,7 +79,13 @@ fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
     let snapshot = load_snapshot(&args.manifests, args.strict)?;
     let node = args.node.node();
     let mut dp = dataplane::Dataplane::load(&args.node.pins()).context("loading the dataplane")?;
-    let report = reconcile::reconcile(&mut dp, &snapshot, &node, &args.node.state_dir())?;
+    let report = reconcile::reconcile(
+        &mut dp,
+        &snapshot,
+        &node,
+        &args.node.state_dir(),
+        &policy::Allocation::default(),
+    )?;
     for w in &report.warnings {
         warn!("{w}");
     }

@@ -17,9 +17,9 @@ use crate::{
     },
     names::Names,
     policy::{
-        compile, desired,
+        compile_with, desired,
         model::{ObjectRef, Snapshot},
-        Scope,
+        Allocation, Scope,
     },
 };
 
@@ -49,18 +49,23 @@ pub struct Report {
     pub detached: usize,
     pub warnings: Vec<String>,
     pub duration: Duration,
+    /// The ids this pass used: pass them to the next pass to keep them stable.
+    pub allocation: Allocation,
 }
 
+/// `prev`: the ids of the previous pass (default: none), so that unchanged content keeps its
+/// ids and a change rewrites only the entries it must.
 pub fn reconcile(
     dp: &mut Dataplane,
     snapshot: &Snapshot,
     node: &str,
     state_dir: &Path,
+    prev: &Allocation,
 ) -> Result<Report, ReconcileError> {
     let started = Instant::now();
     let mut report = Report::default();
     let host_addrs = host::addresses()?;
-    let compiled = compile(snapshot, &Scope::Node(node.to_string()), &host_addrs);
+    let compiled = compile_with(snapshot, &Scope::Node(node.to_string()), &host_addrs, prev);
     report.warnings = compiled.warnings.clone();
 
     let routes = host::routes()?;
@@ -110,6 +115,7 @@ pub fn reconcile(
             path: state_dir.display().to_string(),
             source,
         })?;
+    report.allocation = compiled.allocation;
     report.duration = started.elapsed();
     debug!(?report, "reconciled");
     info!(

@@ -48,6 +48,8 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
     let resync = Duration::from_secs(args.resync_s.max(1));
 
     let mut seen = None;
+    // Ids stay stable across passes: a change rewrites only the entries it must.
+    let mut allocation = netpol_agent::policy::Allocation::default();
     let mut last_pass = Instant::now() - resync;
     loop {
         let now = fingerprint(&args.manifests);
@@ -60,8 +62,11 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
             }
             match load_snapshot(&args.manifests, false) {
                 Ok(snapshot) => {
-                    if let Err(e) = reconcile::reconcile(&mut dp, &snapshot, &node, &state_dir) {
-                        error!("reconcile failed, will retry: {:#}", anyhow::Error::from(e));
+                    match reconcile::reconcile(&mut dp, &snapshot, &node, &state_dir, &allocation) {
+                        Ok(report) => allocation = report.allocation,
+                        Err(e) => {
+                            error!("reconcile failed, will retry: {:#}", anyhow::Error::from(e))
+                        }
                     }
                 }
                 // Keep the kernel as it was: programming half the input could open paths.

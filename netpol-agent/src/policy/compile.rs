@@ -8,8 +8,10 @@
 //!   ingress, with the same named ports) share a class per direction. Policy and CIDR entries
 //!   are keyed by class, so a thousand replicas cost one set of entries.
 //!
-//! Ids are assigned in sorted order of their content, so the same snapshot always compiles to
-//! the same maps (`apply` twice changes nothing).
+//! Ids are stable: a compilation keeps every id the previous one gave to the same content
+//! (`Allocation`), and numbers new content in sorted order. The same snapshot compiles to the
+//! same maps, and a change touches only the entries it must. A relabel has an incremental path
+//! (`Compiled::relabel_pod`) that recomputes one identity's and one class's entries.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,16 +23,21 @@ use ipnet::IpNet;
 use netpol_common::{identity, Direction};
 
 use super::{
-    model::{Labels, ObjectRef, Peer, Pod, Policy, PortSpec, Protocol, Rule, Snapshot},
-    ports::{prefixes, PortPrefix},
+    entries::{
+        cidr_sets, class_entries, close, identity_entries, ClassEntries, ClassRule, ClassSpec,
+        Cluster,
+    },
+    model::{Labels, ObjectRef, Pod, Policy, PortSpec, Protocol, Rule, Snapshot},
+    ports::PortPrefix,
 };
 
 /// Which pods get an endpoint (and so are enforced).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Scope {
     /// Pods whose `spec.nodeName` is this node: what an agent enforces.
     Node(String),
     /// Every pod: what `simulate` evaluates.
+    #[default]
     Cluster,
 }
 
@@ -63,7 +70,7 @@ pub struct IdentityKey {
 }
 
 impl IdentityKey {
-    fn of(pod: &Pod) -> Self {
+    pub fn of(pod: &Pod) -> Self {
         Self {
             namespace: pod.id.namespace.clone(),
             labels: pod.labels.clone(),
@@ -71,7 +78,7 @@ impl IdentityKey {
         }
     }
 
-    fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
         self.named_ports
             .iter()
             .find(|(n, p, _)| n == name && *p == protocol)
@@ -120,7 +127,7 @@ pub struct PolicyEntry {
 
 impl PolicyEntry {
     /// Whether every packet this entry matches is also matched by `self` (same class and peer).
-    fn covers(&self, other: &PolicyEntry) -> bool {
+    pub fn covers(&self, other: &PolicyEntry) -> bool {
         match (self.proto, other.proto) {
             (None, _) => true,
             (Some(_), None) => false,
@@ -160,170 +167,328 @@ pub struct Compiled {
     pub rule_sets: BTreeMap<u32, BTreeSet<RuleRef>>,
     /// Problems that did not stop compilation (duplicate addresses, unresolved names).
     pub warnings: Vec<String>,
-}
-
-/// Resolves a named port for a protocol on some pod.
-type NamedPorts<'a> = &'a dyn Fn(&str, Protocol) -> Option<u16>;
-
-/// How a resolved port appears in a policy entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum PortMatch {
-    Any,
-    Proto(u8),
-    Prefix(u8, PortPrefix),
-}
-
-/// A CIDR peer of one rule, with its ports already resolved.
-struct CidrRule {
-    net: IpNet,
-    except: Vec<IpNet>,
-    ports: Vec<PortMatch>,
-    rule: RuleRef,
-}
-
-/// Entries of one class, before rule sets are numbered.
-#[derive(Default)]
-struct ClassEntries {
-    policy: BTreeMap<PolicyEntry, BTreeSet<RuleRef>>,
-    cidr: Vec<CidrRule>,
+    /// The ids handed out, to keep them stable in the next compilation.
+    pub allocation: Allocation,
+    /// Every peer pod's identity.
+    pub pod_identity: BTreeMap<ObjectRef, u32>,
+    pub scope: Scope,
 }
 
 /// Everything a class's content depends on; classes with equal keys are shared.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct ClassKey {
-    direction: Direction,
-    policies: Vec<usize>,
+pub struct ClassKey {
+    pub direction: Direction,
+    /// Selecting policies, sorted.
+    pub policies: Vec<ObjectRef>,
     /// Only when a selecting policy uses named ports on ingress: the destination pod's ports.
-    named_ports: Option<BTreeSet<(String, Protocol, u16)>>,
+    pub named_ports: Option<BTreeSet<(String, Protocol, u16)>>,
 }
 
-pub fn compile(snapshot: &Snapshot, scope: &Scope, host_addrs: &[IpAddr]) -> Compiled {
-    let mut out = Compiled::default();
-    out.rule_sets.insert(0, BTreeSet::new());
+/// Keys an incremental update changed (added, removed or re-valued), for a diff that looks
+/// only at them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub policy: BTreeSet<PolicyEntry>,
+    pub cidr: BTreeSet<CidrEntry>,
+    pub ipcache: BTreeSet<IpNet>,
+    pub endpoints: BTreeSet<ObjectRef>,
+}
 
-    let pods: Vec<&Pod> = snapshot
+/// Ids handed out so far. Ids are never reused for other content: a packet in flight never
+/// meets an id that changed meaning.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub identities: BTreeMap<IdentityKey, u32>,
+    pub classes: BTreeMap<ClassKey, u32>,
+    pub rule_sets: BTreeMap<BTreeSet<RuleRef>, u32>,
+    pub next_identity: u32,
+    pub next_class: u32,
+    pub next_rule_set: u32,
+}
+
+impl Allocation {
+    fn counters_from(prev: &Allocation) -> Allocation {
+        Allocation {
+            next_identity: prev.next_identity.max(identity::FIRST_POD),
+            next_class: prev.next_class.max(1),
+            next_rule_set: prev.next_rule_set.max(1),
+            ..Default::default()
+        }
+    }
+
+    fn identity(&mut self, key: &IdentityKey, prev: &BTreeMap<IdentityKey, u32>) -> u32 {
+        if let Some(&id) = self.identities.get(key).or_else(|| prev.get(key)) {
+            self.identities.insert(key.clone(), id);
+            return id;
+        }
+        let id = self.next_identity;
+        self.next_identity += 1;
+        self.identities.insert(key.clone(), id);
+        id
+    }
+
+    fn class(&mut self, key: &ClassKey, prev: &BTreeMap<ClassKey, u32>) -> u32 {
+        if let Some(&id) = self.classes.get(key).or_else(|| prev.get(key)) {
+            self.classes.insert(key.clone(), id);
+            return id;
+        }
+        let id = self.next_class;
+        self.next_class += 1;
+        self.classes.insert(key.clone(), id);
+        id
+    }
+
+    fn rule_set(
+        &mut self,
+        rules: BTreeSet<RuleRef>,
+        prev: &BTreeMap<BTreeSet<RuleRef>, u32>,
+    ) -> u32 {
+        if let Some(&id) = self.rule_sets.get(&rules).or_else(|| prev.get(&rules)) {
+            self.rule_sets.insert(rules, id);
+            return id;
+        }
+        let id = self.next_rule_set;
+        self.next_rule_set += 1;
+        self.rule_sets.insert(rules, id);
+        id
+    }
+}
+
+/// Compiles with fresh ids (sorted order of content).
+pub fn compile(snapshot: &Snapshot, scope: &Scope, host_addrs: &[IpAddr]) -> Compiled {
+    compile_with(snapshot, scope, host_addrs, &Allocation::default())
+}
+
+/// Pods that are peers: they have an address and their own network namespace.
+fn peer_pods(snapshot: &Snapshot) -> Vec<&Pod> {
+    snapshot
         .pods
         .iter()
         .filter(|p| !p.host_network && !p.ips.is_empty())
-        .collect();
+        .collect()
+}
 
-    // Identities, in sorted order of what they stand for.
+fn is_local(scope: &Scope, pod: &Pod) -> bool {
+    match scope {
+        Scope::Cluster => true,
+        Scope::Node(node) => pod.node_name.as_deref() == Some(node.as_str()),
+    }
+}
+
+/// Compiles, keeping the ids `prev` gave to content that is still there.
+pub fn compile_with(
+    snapshot: &Snapshot,
+    scope: &Scope,
+    host_addrs: &[IpAddr],
+    prev: &Allocation,
+) -> Compiled {
+    let mut out = Compiled {
+        scope: scope.clone(),
+        allocation: Allocation::counters_from(prev),
+        ..Default::default()
+    };
+    out.rule_sets.insert(0, BTreeSet::new());
+    let pods = peer_pods(snapshot);
+
     let keys: BTreeSet<IdentityKey> = pods.iter().map(|p| IdentityKey::of(p)).collect();
-    let identity_of: BTreeMap<IdentityKey, u32> =
-        keys.into_iter().zip(identity::FIRST_POD..).collect();
-    out.identities = identity_of.iter().map(|(k, id)| (*id, k.clone())).collect();
+    for key in &keys {
+        let id = out.allocation.identity(key, &prev.identities);
+        out.identities.insert(id, key.clone());
+    }
+    for pod in &pods {
+        out.pod_identity.insert(
+            pod.id.clone(),
+            out.allocation.identities[&IdentityKey::of(pod)],
+        );
+    }
+    fill_ipcache(&mut out, &pods, host_addrs);
 
-    fill_ipcache(&mut out, &pods, &identity_of, host_addrs);
-
-    let ctx = Context {
+    let policies = policy_index(snapshot);
+    let ns_labels = namespace_labels(snapshot, &pods);
+    let mut by_namespace: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for (id, key) in &out.identities {
+        by_namespace
+            .entry(key.namespace.as_str())
+            .or_default()
+            .push(*id);
+    }
+    let cluster = Cluster {
         identities: &out.identities,
+        by_namespace,
+        ns_labels: &ns_labels,
         pods: &pods,
-        ns_labels: namespace_labels(snapshot, &pods),
     };
 
     // Classes: group local pods by what their rules depend on.
     let local: Vec<&Pod> = pods
         .iter()
         .copied()
-        .filter(|p| match scope {
-            Scope::Cluster => true,
-            Scope::Node(node) => p.node_name.as_deref() == Some(node.as_str()),
-        })
+        .filter(|p| is_local(scope, p))
         .collect();
-    let mut class_keys: BTreeMap<(ObjectRef, Direction), ClassKey> = BTreeMap::new();
-    // One pod per class: named ingress ports resolve on it (all its class shares them).
-    let mut example: BTreeMap<ClassKey, &Pod> = BTreeMap::new();
+    let mut pod_class: BTreeMap<(&ObjectRef, Direction), ClassKey> = BTreeMap::new();
     for pod in &local {
         for dir in Direction::ALL {
-            let key = class_key(snapshot, pod, dir);
-            example.entry(key.clone()).or_insert(pod);
-            class_keys.insert((pod.id.clone(), dir), key);
+            pod_class.insert((&pod.id, dir), class_key(snapshot, pod, dir));
         }
     }
-    let distinct: BTreeSet<&ClassKey> = class_keys
+    let distinct: BTreeSet<&ClassKey> = pod_class
         .values()
         .filter(|k| !k.policies.is_empty())
         .collect();
-    let class_id: BTreeMap<&ClassKey, u32> = distinct.into_iter().zip(1..).collect();
-
-    let mut rule_set_ids: BTreeMap<BTreeSet<RuleRef>, u32> = BTreeMap::new();
-    let mut warnings = Vec::new();
-    let mut emitted = Compiled::default();
-    for (key, &id) in &class_id {
-        let policies: Vec<&Policy> = key
-            .policies
-            .iter()
-            .map(|&i| &snapshot.policies[i])
-            .collect();
-        let dest_pod = example.get(*key).copied();
-        let entries = ctx.class_entries(key.direction, &policies, dest_pod, &mut warnings);
-        emit_class(&mut emitted, &mut rule_set_ids, id, entries);
-        emitted.classes.insert(
-            id,
-            ClassInfo {
-                direction: key.direction,
-                policies: policies.iter().map(|p| p.id.clone()).collect(),
-            },
-        );
+    let mut emitted = Emitted::default();
+    let mut class_ids = BTreeMap::new();
+    for key in distinct {
+        let id = out.allocation.class(key, &prev.classes);
+        class_ids.insert(key, id);
+    }
+    let mut ordered: Vec<(&ClassKey, u32)> = class_ids.iter().map(|(k, id)| (*k, *id)).collect();
+    ordered.sort_by_key(|(_, id)| *id);
+    for (key, id) in ordered {
+        let spec = class_spec(&policies, key);
+        let entries = class_entries(&cluster, &spec);
+        emitted.class(id, entries, &mut out.allocation, &prev.rule_sets);
+        emitted.classes.insert(id, class_info(key));
     }
     out.policy = emitted.policy;
     out.cidr = emitted.cidr;
     out.classes = emitted.classes;
-    out.warnings.extend(warnings);
-    for (set, id) in rule_set_ids {
-        out.rule_sets.insert(id, set);
-    }
 
     for pod in &local {
         let isolation = |dir: Direction| {
-            let key = &class_keys[&(pod.id.clone(), dir)];
-            Isolation {
-                isolated: !key.policies.is_empty(),
-                class: class_id.get(key).copied().unwrap_or(0),
-                policies: key
-                    .policies
-                    .iter()
-                    .map(|&i| snapshot.policies[i].id.clone())
-                    .collect(),
-            }
+            isolation(
+                &pod_class[&(&pod.id, dir)],
+                class_ids.get(&pod_class[&(&pod.id, dir)]).copied(),
+            )
         };
         out.endpoints.insert(
             pod.id.clone(),
             Endpoint {
                 pod: pod.id.clone(),
                 ips: pod.ips.clone(),
-                identity: identity_of[&IdentityKey::of(pod)],
+                identity: out.pod_identity[&pod.id],
                 ingress: isolation(Direction::Ingress),
                 egress: isolation(Direction::Egress),
             },
         );
     }
+    out.refresh_rule_sets();
     out
 }
 
-fn fill_ipcache(
-    out: &mut Compiled,
-    pods: &[&Pod],
-    identity_of: &BTreeMap<IdentityKey, u32>,
-    host_addrs: &[IpAddr],
-) {
+fn isolation(key: &ClassKey, class: Option<u32>) -> Isolation {
+    Isolation {
+        isolated: !key.policies.is_empty(),
+        class: class.unwrap_or(0),
+        policies: key.policies.clone(),
+    }
+}
+
+fn class_info(key: &ClassKey) -> ClassInfo {
+    ClassInfo {
+        direction: key.direction,
+        policies: key.policies.clone(),
+    }
+}
+
+fn policy_index(snapshot: &Snapshot) -> BTreeMap<&ObjectRef, &Policy> {
+    snapshot.policies.iter().map(|p| (&p.id, p)).collect()
+}
+
+/// The rules of a class's policies, in policy order.
+fn class_spec<'a>(policies: &BTreeMap<&ObjectRef, &'a Policy>, key: &'a ClassKey) -> ClassSpec<'a> {
+    let mut rules = Vec::new();
+    for id in &key.policies {
+        let Some(policy) = policies.get(id) else {
+            continue;
+        };
+        for (index, rule) in rules_of(policy, key.direction).iter().enumerate() {
+            rules.push(ClassRule {
+                rule_ref: RuleRef {
+                    policy: policy.id.clone(),
+                    direction: key.direction,
+                    index,
+                },
+                policy_ns: &policy.id.namespace,
+                rule,
+            });
+        }
+    }
+    ClassSpec {
+        direction: key.direction,
+        rules,
+        dest_named: key.named_ports.as_ref(),
+    }
+}
+
+/// Output maps being filled, class by class.
+#[derive(Default)]
+struct Emitted {
+    policy: BTreeMap<PolicyEntry, u32>,
+    cidr: BTreeMap<CidrEntry, u32>,
+    classes: BTreeMap<u32, ClassInfo>,
+}
+
+impl Emitted {
+    fn class(
+        &mut self,
+        class: u32,
+        entries: ClassEntries,
+        alloc: &mut Allocation,
+        prev: &BTreeMap<BTreeSet<RuleRef>, u32>,
+    ) {
+        let (cidr, mut policy) = cidr_sets(class, &entries.cidr);
+        self.cidr.extend(cidr);
+        policy.extend(entries.policy);
+        self.policy_entries(class, &policy, alloc, prev);
+    }
+
+    fn policy_entries(
+        &mut self,
+        class: u32,
+        entries: &BTreeMap<PolicyEntry, BTreeSet<RuleRef>>,
+        alloc: &mut Allocation,
+        prev: &BTreeMap<BTreeSet<RuleRef>, u32>,
+    ) {
+        for (entry, rules) in close(entries) {
+            let set = alloc.rule_set(rules, prev);
+            self.policy.insert(PolicyEntry { class, ..entry }, set);
+        }
+    }
+}
+
+fn fill_ipcache(out: &mut Compiled, pods: &[&Pod], host_addrs: &[IpAddr]) {
     for addr in host_addrs {
         out.ipcache.insert(IpNet::from(*addr), identity::HOST);
     }
     for pod in pods {
-        let id = identity_of[&IdentityKey::of(pod)];
-        for ip in &pod.ips {
-            let net = IpNet::from(*ip);
-            if let Some(existing) = out.ipcache.get(&net) {
+        let id = out.pod_identity[&pod.id];
+        let _ = set_pod_addresses(out, pod, id);
+    }
+}
+
+fn set_pod_addresses(out: &mut Compiled, pod: &Pod, id: u32) -> Vec<IpNet> {
+    let mut set = Vec::new();
+    for ip in &pod.ips {
+        let net = IpNet::from(*ip);
+        match out.ipcache.get(&net) {
+            Some(&existing) if existing != id && owner_elsewhere(out, &pod.id, existing) => {
                 out.warnings.push(format!(
                     "pod {}: address {ip} already belongs to identity {existing}; keeping that one",
                     pod.id
                 ));
-                continue;
             }
-            out.ipcache.insert(net, id);
+            _ => {
+                out.ipcache.insert(net, id);
+                set.push(net);
+            }
         }
     }
+    set
+}
+
+/// Whether an identity (or the host) holds an address for a reason other than this pod.
+fn owner_elsewhere(out: &Compiled, pod: &ObjectRef, id: u32) -> bool {
+    id == identity::HOST || out.pod_identity.iter().any(|(p, i)| *i == id && p != pod)
 }
 
 fn namespace_labels(snapshot: &Snapshot, pods: &[&Pod]) -> BTreeMap<String, Labels> {
@@ -335,7 +500,7 @@ fn namespace_labels(snapshot: &Snapshot, pods: &[&Pod]) -> BTreeMap<String, Labe
         .collect()
 }
 
-fn rules(policy: &Policy, dir: Direction) -> &[Rule] {
+fn rules_of(policy: &Policy, dir: Direction) -> &[Rule] {
     match dir {
         Direction::Ingress => &policy.ingress,
         Direction::Egress => &policy.egress,
@@ -350,24 +515,24 @@ fn isolates(policy: &Policy, dir: Direction) -> bool {
 }
 
 fn class_key(snapshot: &Snapshot, pod: &Pod, dir: Direction) -> ClassKey {
-    let policies: Vec<usize> = snapshot
+    let selecting: Vec<&Policy> = snapshot
         .policies
         .iter()
-        .enumerate()
-        .filter(|(_, p)| {
+        .filter(|p| {
             p.id.namespace == pod.id.namespace
                 && isolates(p, dir)
                 && p.pod_selector.matches(&pod.labels)
         })
-        .map(|(i, _)| i)
         .collect();
     let uses_named = dir == Direction::Ingress
-        && policies.iter().any(|&i| {
-            rules(&snapshot.policies[i], dir)
-                .iter()
-                .flat_map(|r| &r.ports)
-                .any(|p| matches!(p, PortSpec::Named { .. }))
-        });
+        && selecting
+            .iter()
+            .flat_map(|p| rules_of(p, dir))
+            .flat_map(|r| &r.ports)
+            .any(|p| matches!(p, PortSpec::Named { .. }));
+    let mut policies: Vec<ObjectRef> = selecting.iter().map(|p| p.id.clone()).collect();
+    policies.sort();
+    policies.dedup();
     ClassKey {
         direction: dir,
         policies,
@@ -375,281 +540,161 @@ fn class_key(snapshot: &Snapshot, pod: &Pod, dir: Direction) -> ClassKey {
     }
 }
 
-struct Context<'a> {
-    identities: &'a BTreeMap<u32, IdentityKey>,
-    pods: &'a [&'a Pod],
-    ns_labels: BTreeMap<String, Labels>,
-}
-
-impl Context<'_> {
-    fn class_entries(
-        &self,
-        dir: Direction,
-        policies: &[&Policy],
-        dest_pod: Option<&Pod>,
-        warnings: &mut Vec<String>,
-    ) -> ClassEntries {
-        let mut entries = ClassEntries::default();
-        for policy in policies {
-            for (index, rule) in rules(policy, dir).iter().enumerate() {
-                let rule_ref = RuleRef {
-                    policy: policy.id.clone(),
-                    direction: dir,
-                    index,
-                };
-                self.rule_entries(
-                    dir,
-                    policy,
-                    rule,
-                    &rule_ref,
-                    dest_pod,
-                    &mut entries,
-                    warnings,
-                );
-            }
-        }
-        entries
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn rule_entries(
-        &self,
-        dir: Direction,
-        policy: &Policy,
-        rule: &Rule,
-        rule_ref: &RuleRef,
-        dest_pod: Option<&Pod>,
-        entries: &mut ClassEntries,
-        warnings: &mut Vec<String>,
-    ) {
-        let mut add = |peer: u32, ports: &[PortMatch]| {
-            for port in ports {
-                let entry = policy_entry(0, peer, *port);
-                entries
-                    .policy
-                    .entry(entry)
-                    .or_default()
-                    .insert(rule_ref.clone());
-            }
-        };
-        // Ports that do not depend on the peer (numbers, or names resolved on the destination).
-        let fixed = |named_on: Option<NamedPorts<'_>>| resolve_ports(&rule.ports, named_on);
-        let dest_named =
-            |name: &str, proto: Protocol| dest_pod.and_then(|p| p.named_port(name, proto));
-        let has_named = rule
-            .ports
+impl Compiled {
+    /// The rule set table holds exactly the sets the policy entries use (and the empty set).
+    fn refresh_rule_sets(&mut self) {
+        let used: BTreeSet<u32> = self.policy.values().copied().collect();
+        self.allocation.rule_sets.retain(|_, id| used.contains(id));
+        self.rule_sets = self
+            .allocation
+            .rule_sets
             .iter()
-            .any(|p| matches!(p, PortSpec::Named { .. }));
-        let egress_named = dir == Direction::Egress && has_named;
-
-        let peer_ports = |id: u32| -> Vec<PortMatch> {
-            let key = &self.identities[&id];
-            if egress_named {
-                fixed(Some(&|n: &str, p: Protocol| key.named_port(n, p)))
-            } else {
-                fixed(Some(&dest_named))
-            }
-        };
-
-        if rule.peers.is_empty() {
-            if egress_named {
-                // Any peer, but a name only resolves on pods: numbers go to ANY, names per pod.
-                add(identity::ANY, &fixed(None));
-                for (&id, key) in self.identities {
-                    add(
-                        id,
-                        &resolve_named(&rule.ports, &|n, p| key.named_port(n, p)),
-                    );
-                }
-            } else {
-                add(identity::ANY, &fixed(Some(&dest_named)));
-            }
-            return;
-        }
-        for peer in &rule.peers {
-            match peer {
-                Peer::Pods { namespaces, pods } => {
-                    for (&id, key) in self.identities {
-                        let ns_ok = match namespaces {
-                            None => key.namespace == policy.id.namespace,
-                            Some(sel) => self
-                                .ns_labels
-                                .get(&key.namespace)
-                                .is_some_and(|l| sel.matches(l)),
-                        };
-                        let pod_ok = pods.as_ref().is_none_or(|sel| sel.matches(&key.labels));
-                        if ns_ok && pod_ok {
-                            add(id, &peer_ports(id));
-                        }
-                    }
-                }
-                Peer::IpBlock { cidr, except } => {
-                    let ports = if egress_named {
-                        fixed(None)
-                    } else {
-                        fixed(Some(&dest_named))
-                    };
-                    entries.cidr.push(CidrRule {
-                        net: cidr.trunc(),
-                        except: except.iter().map(IpNet::trunc).collect(),
-                        ports,
-                        rule: rule_ref.clone(),
-                    });
-                    if egress_named {
-                        // Named ports resolve on the pods inside the block, address by address.
-                        for pod in self.pods {
-                            let key = IdentityKey::of(pod);
-                            let named = resolve_named(&rule.ports, &|n, p| key.named_port(n, p));
-                            if named.is_empty() {
-                                continue;
-                            }
-                            for ip in &pod.ips {
-                                let inside =
-                                    cidr.contains(ip) && !except.iter().any(|e| e.contains(ip));
-                                if inside {
-                                    entries.cidr.push(CidrRule {
-                                        net: IpNet::from(*ip),
-                                        except: Vec::new(),
-                                        ports: named.clone(),
-                                        rule: rule_ref.clone(),
-                                    });
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        if has_named && dir == Direction::Ingress && dest_pod.is_none() {
-            warnings.push(format!("{rule_ref}: named port with no destination pod"));
-        }
-    }
-}
-
-/// Resolves a rule's ports. Named ports resolve through `named` (None: they are left out).
-fn resolve_ports(ports: &[PortSpec], named: Option<NamedPorts<'_>>) -> Vec<PortMatch> {
-    if ports.is_empty() {
-        return vec![PortMatch::Any];
-    }
-    let mut out = BTreeSet::new();
-    for spec in ports {
-        match spec {
-            PortSpec::AllOf { protocol } => {
-                out.insert(PortMatch::Proto(protocol.number()));
-            }
-            PortSpec::Range {
-                protocol,
-                first,
-                last,
-            } => {
-                for p in prefixes(*first, *last) {
-                    out.insert(PortMatch::Prefix(protocol.number(), p));
-                }
-            }
-            PortSpec::Named { protocol, name } => {
-                if let Some(port) = named.and_then(|f| f(name, *protocol)) {
-                    out.insert(PortMatch::Prefix(
-                        protocol.number(),
-                        PortPrefix {
-                            value: port,
-                            bits: 16,
-                        },
-                    ));
-                }
-            }
-        }
-    }
-    out.into_iter().collect()
-}
-
-/// Resolves only the named entries of a rule's ports (none: nothing, not "every port").
-fn resolve_named(
-    ports: &[PortSpec],
-    named: &dyn Fn(&str, Protocol) -> Option<u16>,
-) -> Vec<PortMatch> {
-    let names: Vec<PortSpec> = ports
-        .iter()
-        .filter(|p| matches!(p, PortSpec::Named { .. }))
-        .cloned()
-        .collect();
-    if names.is_empty() {
-        return Vec::new();
-    }
-    resolve_ports(&names, Some(named))
-}
-
-fn policy_entry(class: u32, peer: u32, port: PortMatch) -> PolicyEntry {
-    let (proto, port) = match port {
-        PortMatch::Any => (None, None),
-        PortMatch::Proto(p) => (Some(p), None),
-        PortMatch::Prefix(p, prefix) if prefix.bits == 0 => (Some(p), None),
-        PortMatch::Prefix(p, prefix) => (Some(p), Some(prefix)),
-    };
-    PolicyEntry {
-        class,
-        peer,
-        proto,
-        port,
-    }
-}
-
-/// Numbers a class's entries: CIDR sets, then rule sets with the attribution closure.
-fn emit_class(
-    out: &mut Compiled,
-    rule_set_ids: &mut BTreeMap<BTreeSet<RuleRef>, u32>,
-    class: u32,
-    entries: ClassEntries,
-) {
-    let mut policy = entries.policy;
-
-    // CIDR sets: one entry per distinct prefix among all blocks and holes; its set is every
-    // rule whose block contains the prefix and none of whose holes does. The longest match
-    // for any address then yields exactly the rules that allow it.
-    let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
-    for r in &entries.cidr {
-        prefixes.insert(r.net);
-        prefixes.extend(r.except.iter().copied());
-    }
-    let mut set_ids: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
-    for net in prefixes {
-        let members: Vec<usize> = entries
-            .cidr
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.net.contains(&net) && !r.except.iter().any(|e| e.contains(&net)))
-            .map(|(i, _)| i)
+            .map(|(rules, id)| (*id, rules.clone()))
             .collect();
-        let next = identity::FIRST_CIDR_SET + set_ids.len() as u32;
-        let set = *set_ids.entry(members).or_insert(next);
-        out.cidr.insert(CidrEntry { class, net }, set);
-    }
-    for (members, set) in &set_ids {
-        for &i in members {
-            let r = &entries.cidr[i];
-            for port in &r.ports {
-                let entry = policy_entry(0, *set, *port);
-                policy.entry(entry).or_default().insert(r.rule.clone());
-            }
-        }
+        self.rule_sets.insert(0, BTreeSet::new());
     }
 
-    // Attribution closure: an LPM returns only the longest match, so each entry carries the
-    // rules of every broader entry of the same peer.
-    let keys: Vec<PolicyEntry> = policy.keys().copied().collect();
-    let mut closed: BTreeMap<PolicyEntry, BTreeSet<RuleRef>> = BTreeMap::new();
-    for entry in &keys {
-        let mut rules = BTreeSet::new();
-        for other in keys
-            .iter()
-            .filter(|o| o.peer == entry.peer && o.covers(entry))
-        {
-            rules.extend(policy[other].iter().cloned());
+    /// Updates the contents for one pod whose labels changed in `snapshot` (and nothing else):
+    /// its identity's entries in every class, its ipcache entries, and its own classes. Returns
+    /// the keys it changed, or `None` (contents untouched) when the change is not a relabel
+    /// this path handles; the caller then compiles in full.
+    pub fn relabel_pod(&mut self, snapshot: &Snapshot, pod_id: &ObjectRef) -> Option<Touched> {
+        let pod = snapshot.pods.iter().find(|p| &p.id == pod_id)?;
+        let old_id = *self.pod_identity.get(pod_id)?;
+        if pod.host_network || pod.ips.is_empty() {
+            return None;
         }
-        closed.insert(*entry, rules);
+        if self
+            .endpoints
+            .get(pod_id)
+            .is_some_and(|ep| ep.ips != pod.ips)
+        {
+            return None;
+        }
+        let mut touched = Touched::default();
+        let prev = Allocation::default();
+        let policies = policy_index(snapshot);
+        let pods = peer_pods(snapshot);
+        let ns_labels = namespace_labels(snapshot, &pods);
+
+        // 1. The pod's identity, and the entries a new identity gets in every class.
+        let key = IdentityKey::of(pod);
+        let known = self.allocation.identities.contains_key(&key);
+        let new_id = self.allocation.identity(&key, &prev.identities);
+        if !known {
+            self.identities.insert(new_id, key);
+            let classes: Vec<(ClassKey, u32)> = self
+                .allocation
+                .classes
+                .iter()
+                .map(|(k, id)| (k.clone(), *id))
+                .collect();
+            let cluster = Cluster {
+                identities: &self.identities,
+                by_namespace: BTreeMap::new(),
+                ns_labels: &ns_labels,
+                pods: &pods,
+            };
+            let mut emitted = Emitted::default();
+            for (class_key, class) in &classes {
+                let spec = class_spec(&policies, class_key);
+                let entries = identity_entries(&cluster, &spec, new_id);
+                emitted.policy_entries(*class, &entries, &mut self.allocation, &prev.rule_sets);
+            }
+            touched.policy.extend(emitted.policy.keys().copied());
+            self.policy.extend(emitted.policy);
+        }
+        self.pod_identity.insert(pod_id.clone(), new_id);
+        touched.ipcache.extend(set_pod_addresses(self, pod, new_id));
+
+        // 2. An identity no pod holds any more takes its entries with it.
+        if old_id != new_id && !self.pod_identity.values().any(|&i| i == old_id) {
+            if let Some(old_key) = self.identities.remove(&old_id) {
+                self.allocation.identities.remove(&old_key);
+            }
+            self.policy.retain(|e, _| {
+                let keep = e.peer != old_id;
+                if !keep {
+                    touched.policy.insert(*e);
+                }
+                keep
+            });
+        }
+
+        // 3. The pod's own classes, when it is an endpoint here.
+        if self.endpoints.contains_key(pod_id) {
+            for dir in Direction::ALL {
+                let key = class_key(snapshot, pod, dir);
+                let old_class = self.endpoints[pod_id].isolation(dir).class;
+                let class = if key.policies.is_empty() {
+                    None
+                } else {
+                    let known = self.allocation.classes.contains_key(&key);
+                    let id = self.allocation.class(&key, &prev.classes);
+                    if !known {
+                        let mut by_namespace: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+                        for (id, k) in &self.identities {
+                            by_namespace
+                                .entry(k.namespace.as_str())
+                                .or_default()
+                                .push(*id);
+                        }
+                        let cluster = Cluster {
+                            identities: &self.identities,
+                            by_namespace,
+                            ns_labels: &ns_labels,
+                            pods: &pods,
+                        };
+                        let spec = class_spec(&policies, &key);
+                        let entries = class_entries(&cluster, &spec);
+                        let mut emitted = Emitted::default();
+                        emitted.class(id, entries, &mut self.allocation, &prev.rule_sets);
+                        touched.policy.extend(emitted.policy.keys().copied());
+                        touched.cidr.extend(emitted.cidr.keys().copied());
+                        self.policy.extend(emitted.policy);
+                        self.cidr.extend(emitted.cidr);
+                        self.classes.insert(id, class_info(&key));
+                    }
+                    Some(id)
+                };
+                let ep = self.endpoints.get_mut(pod_id).expect("endpoint");
+                *match dir {
+                    Direction::Ingress => &mut ep.ingress,
+                    Direction::Egress => &mut ep.egress,
+                } = isolation(&key, class);
+                if old_class != 0 && Some(old_class) != class && !self.class_in_use(old_class) {
+                    self.remove_class(old_class, &mut touched);
+                }
+            }
+            self.endpoints.get_mut(pod_id).expect("endpoint").identity = new_id;
+            touched.endpoints.insert(pod_id.clone());
+        }
+        self.refresh_rule_sets();
+        Some(touched)
     }
-    for (entry, rules) in closed {
-        let next = rule_set_ids.len() as u32 + 1;
-        let id = *rule_set_ids.entry(rules).or_insert(next);
-        out.policy.insert(PolicyEntry { class, ..entry }, id);
+
+    fn class_in_use(&self, class: u32) -> bool {
+        self.endpoints
+            .values()
+            .any(|e| e.ingress.class == class || e.egress.class == class)
+    }
+
+    fn remove_class(&mut self, class: u32, touched: &mut Touched) {
+        self.policy.retain(|e, _| {
+            let keep = e.class != class;
+            if !keep {
+                touched.policy.insert(*e);
+            }
+            keep
+        });
+        self.cidr.retain(|e, _| {
+            let keep = e.class != class;
+            if !keep {
+                touched.cidr.insert(*e);
+            }
+            keep
+        });
+        self.classes.remove(&class);
+        self.allocation.classes.retain(|_, id| *id != class);
     }
 }

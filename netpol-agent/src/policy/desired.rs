@@ -13,7 +13,7 @@ use netpol_common::{
 };
 
 use super::{
-    compile::{CidrEntry, Compiled, PolicyEntry},
+    compile::{CidrEntry, Compiled, Endpoint, PolicyEntry, Touched},
     model::ObjectRef,
     ports::PortPrefix,
 };
@@ -141,49 +141,55 @@ pub fn cidr_entry_from_key(prefix: u32, key: &CidrKey) -> Option<CidrEntry> {
     })
 }
 
+/// An endpoint's `NP_ENDPOINTS` value.
+pub fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
+    let mut info = EndpointInfo {
+        ingress_class: ep.ingress.class,
+        egress_class: ep.egress.class,
+        identity: ep.identity,
+        ..Default::default()
+    };
+    if ep.ingress.isolated {
+        info.flags |= endpoint_flag::ISOLATED_INGRESS;
+    }
+    if ep.egress.isolated {
+        info.flags |= endpoint_flag::ISOLATED_EGRESS;
+    }
+    for ip in &ep.ips {
+        match ip {
+            IpAddr::V4(v4) if info.flags & endpoint_flag::HAS_IPV4 == 0 => {
+                info.flags |= endpoint_flag::HAS_IPV4;
+                info.ipv4 = ipv4_mapped(v4.octets());
+            }
+            IpAddr::V6(v6) if info.flags & endpoint_flag::HAS_IPV6 == 0 => {
+                info.flags |= endpoint_flag::HAS_IPV6;
+                info.ipv6 = v6.octets();
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
+    let key = IpcacheKey {
+        addr: addr_bytes(net.network()),
+    };
+    (mapped_prefix_len(net), key)
+}
+
 /// The maps for a compilation, with each local endpoint placed on its interface. Endpoints
 /// missing from `ifindex_of` (no interface found) are left out.
 pub fn map_contents(compiled: &Compiled, ifindex_of: &BTreeMap<ObjectRef, u32>) -> MapContents {
     let mut out = MapContents::default();
     for (pod, ep) in &compiled.endpoints {
-        let Some(&ifindex) = ifindex_of.get(pod) else {
-            continue;
-        };
-        let mut info = EndpointInfo {
-            ingress_class: ep.ingress.class,
-            egress_class: ep.egress.class,
-            identity: ep.identity,
-            ..Default::default()
-        };
-        if ep.ingress.isolated {
-            info.flags |= endpoint_flag::ISOLATED_INGRESS;
+        if let Some(&ifindex) = ifindex_of.get(pod) {
+            out.endpoints.insert(ifindex, endpoint_info(ep));
         }
-        if ep.egress.isolated {
-            info.flags |= endpoint_flag::ISOLATED_EGRESS;
-        }
-        for ip in &ep.ips {
-            match ip {
-                IpAddr::V4(v4) if info.flags & endpoint_flag::HAS_IPV4 == 0 => {
-                    info.flags |= endpoint_flag::HAS_IPV4;
-                    info.ipv4 = ipv4_mapped(v4.octets());
-                }
-                IpAddr::V6(v6) if info.flags & endpoint_flag::HAS_IPV6 == 0 => {
-                    info.flags |= endpoint_flag::HAS_IPV6;
-                    info.ipv6 = v6.octets();
-                }
-                _ => {}
-            }
-        }
-        out.endpoints.insert(ifindex, info);
     }
     for (net, &identity) in &compiled.ipcache {
-        let key = IpcacheKey {
-            addr: addr_bytes(net.network()),
-        };
-        out.ipcache.insert(
-            (mapped_prefix_len(net), key),
-            IpcacheValue { identity, _pad: 0 },
-        );
+        out.ipcache
+            .insert(ipcache_key(net), IpcacheValue { identity, _pad: 0 });
     }
     for (entry, &set) in &compiled.cidr {
         out.cidr.insert(cidr_key(entry), CidrValue { set, _pad: 0 });
@@ -211,6 +217,79 @@ fn diff_map<K: Ord + Clone, V: PartialEq + Clone>(
             remove.insert(k.clone(), v.clone());
         }
     }
+}
+
+fn diff_key<K: Ord + Clone, V: PartialEq + Clone>(
+    key: K,
+    desired: Option<V>,
+    actual: &BTreeMap<K, V>,
+    upsert: &mut BTreeMap<K, V>,
+    remove: &mut BTreeMap<K, V>,
+) {
+    match (desired, actual.get(&key)) {
+        (Some(d), a) if a != Some(&d) => {
+            upsert.insert(key, d);
+        }
+        (None, Some(a)) => {
+            remove.insert(key, a.clone());
+        }
+        _ => {}
+    }
+}
+
+/// The diff `diff(map_contents(compiled), actual)` would give, looking only at the keys an
+/// incremental update touched: O(changes), not O(maps).
+pub fn diff_touched(
+    compiled: &Compiled,
+    ifindex_of: &BTreeMap<ObjectRef, u32>,
+    touched: &Touched,
+    actual: &MapContents,
+) -> MapDiff {
+    let mut d = MapDiff::default();
+    let (up, rm) = (&mut d.upsert, &mut d.remove);
+    for e in &touched.policy {
+        let value = compiled
+            .policy
+            .get(e)
+            .map(|&rule_set| PolicyValue { rule_set, _pad: 0 });
+        diff_key(
+            policy_key(e),
+            value,
+            &actual.policy,
+            &mut up.policy,
+            &mut rm.policy,
+        );
+    }
+    for e in &touched.cidr {
+        let value = compiled.cidr.get(e).map(|&set| CidrValue { set, _pad: 0 });
+        diff_key(cidr_key(e), value, &actual.cidr, &mut up.cidr, &mut rm.cidr);
+    }
+    for net in &touched.ipcache {
+        let value = compiled
+            .ipcache
+            .get(net)
+            .map(|&identity| IpcacheValue { identity, _pad: 0 });
+        diff_key(
+            ipcache_key(net),
+            value,
+            &actual.ipcache,
+            &mut up.ipcache,
+            &mut rm.ipcache,
+        );
+    }
+    for pod in &touched.endpoints {
+        if let Some(&ifindex) = ifindex_of.get(pod) {
+            let value = compiled.endpoints.get(pod).map(endpoint_info);
+            diff_key(
+                ifindex,
+                value,
+                &actual.endpoints,
+                &mut up.endpoints,
+                &mut rm.endpoints,
+            );
+        }
+    }
+    d
 }
 
 pub fn diff(desired: &MapContents, actual: &MapContents) -> MapDiff {

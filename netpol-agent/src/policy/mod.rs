@@ -6,6 +6,7 @@
 
 pub mod compile;
 pub mod desired;
+mod entries;
 pub mod evaluate;
 pub mod model;
 pub mod ports;
@@ -18,5 +19,5 @@ mod tests;
 #[cfg(test)]
 mod property;
 
-pub use compile::{compile, Compiled, Scope};
+pub use compile::{compile, compile_with, Allocation, Compiled, Scope};
 pub use model::Snapshot;

@@ -10,6 +10,7 @@ use proptest::prelude::*;
 
 use super::{
     compile::{compile, Scope},
+    desired::{diff, diff_touched, map_contents},
     evaluate::Flow,
     model::{
         ContainerPort, Labels, Namespace, ObjectRef, Peer, Pod, Policy, PortSpec, Protocol, Rule,
@@ -307,32 +308,82 @@ const PROBES: [(Protocol, u16); 6] = [
     (Protocol::Tcp, 9999),
 ];
 
+/// Every (pod, direction, peer, probe) of the compiled contents against the reference.
+fn check_against_spec(snap: &Snapshot, compiled: &super::Compiled) -> Result<(), TestCaseError> {
+    let pods: BTreeMap<&ObjectRef, &Pod> = snap.pods.iter().map(|p| (&p.id, p)).collect();
+    for src in pods.values() {
+        for dst in pods.values() {
+            if src.id == dst.id {
+                continue;
+            }
+            for (proto, port) in PROBES {
+                for dir in Direction::ALL {
+                    let (at, peer) = match dir {
+                        Direction::Ingress => (dst, src),
+                        Direction::Egress => (src, dst),
+                    };
+                    let flow = Flow {
+                        peer: peer.ips[0],
+                        proto: proto.number(),
+                        port,
+                    };
+                    let got = compiled
+                        .evaluate(&at.id, dir, flow)
+                        .expect("endpoint")
+                        .allowed;
+                    let want = reference_side(snap, dir, src, dst, proto, port);
+                    prop_assert_eq!(
+                        got,
+                        want,
+                        "{:?} at {} peer {} {}:{}",
+                        dir,
+                        at.id,
+                        peer.id,
+                        proto,
+                        port
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
     #[test]
     fn compiled_maps_agree_with_the_spec(snap in snapshot_strategy()) {
-        let compiled = compile(&snap, &Scope::Cluster, &[]);
-        let pods: BTreeMap<&ObjectRef, &Pod> = snap.pods.iter().map(|p| (&p.id, p)).collect();
-        for src in pods.values() {
-            for dst in pods.values() {
-                if src.id == dst.id {
-                    continue;
-                }
-                for (proto, port) in PROBES {
-                    for dir in Direction::ALL {
-                        let (at, peer) = match dir {
-                            Direction::Ingress => (dst, src),
-                            Direction::Egress => (src, dst),
-                        };
-                        let flow = Flow { peer: peer.ips[0], proto: proto.number(), port };
-                        let got = compiled.evaluate(&at.id, dir, flow).expect("endpoint").allowed;
-                        let want = reference_side(&snap, dir, src, dst, proto, port);
-                        prop_assert_eq!(
-                            got, want,
-                            "{:?} at {} peer {} {}:{}", dir, at.id, peer.id, proto, port
-                        );
-                    }
-                }
+        check_against_spec(&snap, &compile(&snap, &Scope::Cluster, &[]))?;
+    }
+
+    /// The incremental relabel path ends where the spec says, and so does a full compile
+    /// that keeps the previous ids; both keep every unchanged identity's id.
+    #[test]
+    fn relabel_paths_agree_with_the_spec(
+        snap in snapshot_strategy(),
+        which in 0..7usize,
+        labels in labels_strategy(),
+    ) {
+        let mut compiled = compile(&snap, &Scope::Cluster, &[]);
+        let ifindex: BTreeMap<ObjectRef, u32> = compiled.endpoints.keys().cloned().zip(1..).collect();
+        let before = map_contents(&compiled, &ifindex);
+        let mut after = snap.clone();
+        let i = which % after.pods.len();
+        after.pods[i].labels = labels;
+        let pod = after.pods[i].id.clone();
+        let touched = compiled.relabel_pod(&after, &pod).expect("a relabel is handled incrementally");
+        check_against_spec(&after, &compiled)?;
+        // The targeted diff is the whole diff.
+        prop_assert_eq!(
+            diff_touched(&compiled, &ifindex, &touched, &before),
+            diff(&map_contents(&compiled, &ifindex), &before)
+        );
+
+        let full = super::compile_with(&after, &Scope::Cluster, &[], &compile(&snap, &Scope::Cluster, &[]).allocation);
+        check_against_spec(&after, &full)?;
+        for (p, id) in &compile(&snap, &Scope::Cluster, &[]).pod_identity {
+            if p != &pod {
+                prop_assert_eq!(full.pod_identity[p], *id, "identity of {} kept", p);
             }
         }
     }
