@@ -23,10 +23,7 @@ use ipnet::IpNet;
 use netpol_common::{identity, Direction};
 
 use super::{
-    entries::{
-        cidr_sets, class_entries, close, identity_entries, ClassEntries, ClassRule, ClassSpec,
-        Cluster,
-    },
+    entries::{cidr_sets, class_entries, close, ClassEntries, ClassRule, ClassSpec, Cluster},
     model::{Labels, ObjectRef, Pod, Policy, PortSpec, Protocol, Rule, Snapshot},
     ports::PortPrefix,
 };
@@ -216,7 +213,7 @@ impl Allocation {
         }
     }
 
-    fn identity(&mut self, key: &IdentityKey, prev: &BTreeMap<IdentityKey, u32>) -> u32 {
+    pub(super) fn identity(&mut self, key: &IdentityKey, prev: &BTreeMap<IdentityKey, u32>) -> u32 {
         if let Some(&id) = self.identities.get(key).or_else(|| prev.get(key)) {
             self.identities.insert(key.clone(), id);
             return id;
@@ -227,7 +224,7 @@ impl Allocation {
         id
     }
 
-    fn class(&mut self, key: &ClassKey, prev: &BTreeMap<ClassKey, u32>) -> u32 {
+    pub(super) fn class(&mut self, key: &ClassKey, prev: &BTreeMap<ClassKey, u32>) -> u32 {
         if let Some(&id) = self.classes.get(key).or_else(|| prev.get(key)) {
             self.classes.insert(key.clone(), id);
             return id;
@@ -260,7 +257,7 @@ pub fn compile(snapshot: &Snapshot, scope: &Scope, host_addrs: &[IpAddr]) -> Com
 }
 
 /// Pods that are peers: they have an address and their own network namespace.
-fn peer_pods(snapshot: &Snapshot) -> Vec<&Pod> {
+pub(super) fn peer_pods(snapshot: &Snapshot) -> Vec<&Pod> {
     snapshot
         .pods
         .iter()
@@ -305,19 +302,7 @@ pub fn compile_with(
 
     let policies = policy_index(snapshot);
     let ns_labels = namespace_labels(snapshot, &pods);
-    let mut by_namespace: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-    for (id, key) in &out.identities {
-        by_namespace
-            .entry(key.namespace.as_str())
-            .or_default()
-            .push(*id);
-    }
-    let cluster = Cluster {
-        identities: &out.identities,
-        by_namespace,
-        ns_labels: &ns_labels,
-        pods: &pods,
-    };
+    let cluster = cluster(&out.identities, &ns_labels, &pods);
 
     // Classes: group local pods by what their rules depend on.
     let local: Vec<&Pod> = pods
@@ -375,7 +360,28 @@ pub fn compile_with(
     out
 }
 
-fn isolation(key: &ClassKey, class: Option<u32>) -> Isolation {
+/// The cluster as entries see it, with identities indexed by namespace.
+pub(super) fn cluster<'a>(
+    identities: &'a BTreeMap<u32, IdentityKey>,
+    ns_labels: &'a BTreeMap<String, Labels>,
+    pods: &'a [&'a Pod],
+) -> Cluster<'a> {
+    let mut by_namespace: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for (id, key) in identities {
+        by_namespace
+            .entry(key.namespace.as_str())
+            .or_default()
+            .push(*id);
+    }
+    Cluster {
+        identities,
+        by_namespace,
+        ns_labels,
+        pods,
+    }
+}
+
+pub(super) fn isolation(key: &ClassKey, class: Option<u32>) -> Isolation {
     Isolation {
         isolated: !key.policies.is_empty(),
         class: class.unwrap_or(0),
@@ -383,19 +389,22 @@ fn isolation(key: &ClassKey, class: Option<u32>) -> Isolation {
     }
 }
 
-fn class_info(key: &ClassKey) -> ClassInfo {
+pub(super) fn class_info(key: &ClassKey) -> ClassInfo {
     ClassInfo {
         direction: key.direction,
         policies: key.policies.clone(),
     }
 }
 
-fn policy_index(snapshot: &Snapshot) -> BTreeMap<&ObjectRef, &Policy> {
+pub(super) fn policy_index(snapshot: &Snapshot) -> BTreeMap<&ObjectRef, &Policy> {
     snapshot.policies.iter().map(|p| (&p.id, p)).collect()
 }
 
 /// The rules of a class's policies, in policy order.
-fn class_spec<'a>(policies: &BTreeMap<&ObjectRef, &'a Policy>, key: &'a ClassKey) -> ClassSpec<'a> {
+pub(super) fn class_spec<'a>(
+    policies: &BTreeMap<&ObjectRef, &'a Policy>,
+    key: &'a ClassKey,
+) -> ClassSpec<'a> {
     let mut rules = Vec::new();
     for id in &key.policies {
         let Some(policy) = policies.get(id) else {
@@ -422,14 +431,14 @@ fn class_spec<'a>(policies: &BTreeMap<&ObjectRef, &'a Policy>, key: &'a ClassKey
 
 /// Output maps being filled, class by class.
 #[derive(Default)]
-struct Emitted {
-    policy: BTreeMap<PolicyEntry, u32>,
-    cidr: BTreeMap<CidrEntry, u32>,
-    classes: BTreeMap<u32, ClassInfo>,
+pub(super) struct Emitted {
+    pub(super) policy: BTreeMap<PolicyEntry, u32>,
+    pub(super) cidr: BTreeMap<CidrEntry, u32>,
+    pub(super) classes: BTreeMap<u32, ClassInfo>,
 }
 
 impl Emitted {
-    fn class(
+    pub(super) fn class(
         &mut self,
         class: u32,
         entries: ClassEntries,
@@ -442,7 +451,7 @@ impl Emitted {
         self.policy_entries(class, &policy, alloc, prev);
     }
 
-    fn policy_entries(
+    pub(super) fn policy_entries(
         &mut self,
         class: u32,
         entries: &BTreeMap<PolicyEntry, BTreeSet<RuleRef>>,
@@ -466,7 +475,7 @@ fn fill_ipcache(out: &mut Compiled, pods: &[&Pod], host_addrs: &[IpAddr]) {
     }
 }
 
-fn set_pod_addresses(out: &mut Compiled, pod: &Pod, id: u32) -> Vec<IpNet> {
+pub(super) fn set_pod_addresses(out: &mut Compiled, pod: &Pod, id: u32) -> Vec<IpNet> {
     let mut set = Vec::new();
     for ip in &pod.ips {
         let net = IpNet::from(*ip);
@@ -491,7 +500,7 @@ fn owner_elsewhere(out: &Compiled, pod: &ObjectRef, id: u32) -> bool {
     id == identity::HOST || out.pod_identity.iter().any(|(p, i)| *i == id && p != pod)
 }
 
-fn namespace_labels(snapshot: &Snapshot, pods: &[&Pod]) -> BTreeMap<String, Labels> {
+pub(super) fn namespace_labels(snapshot: &Snapshot, pods: &[&Pod]) -> BTreeMap<String, Labels> {
     let mut names: BTreeSet<&str> = snapshot.namespaces.keys().map(String::as_str).collect();
     names.extend(pods.iter().map(|p| p.id.namespace.as_str()));
     names
@@ -514,7 +523,7 @@ fn isolates(policy: &Policy, dir: Direction) -> bool {
     }
 }
 
-fn class_key(snapshot: &Snapshot, pod: &Pod, dir: Direction) -> ClassKey {
+pub(super) fn class_key(snapshot: &Snapshot, pod: &Pod, dir: Direction) -> ClassKey {
     let selecting: Vec<&Policy> = snapshot
         .policies
         .iter()
@@ -537,164 +546,5 @@ fn class_key(snapshot: &Snapshot, pod: &Pod, dir: Direction) -> ClassKey {
         direction: dir,
         policies,
         named_ports: uses_named.then(|| pod.named_ports()),
-    }
-}
-
-impl Compiled {
-    /// The rule set table holds exactly the sets the policy entries use (and the empty set).
-    fn refresh_rule_sets(&mut self) {
-        let used: BTreeSet<u32> = self.policy.values().copied().collect();
-        self.allocation.rule_sets.retain(|_, id| used.contains(id));
-        self.rule_sets = self
-            .allocation
-            .rule_sets
-            .iter()
-            .map(|(rules, id)| (*id, rules.clone()))
-            .collect();
-        self.rule_sets.insert(0, BTreeSet::new());
-    }
-
-    /// Updates the contents for one pod whose labels changed in `snapshot` (and nothing else):
-    /// its identity's entries in every class, its ipcache entries, and its own classes. Returns
-    /// the keys it changed, or `None` (contents untouched) when the change is not a relabel
-    /// this path handles; the caller then compiles in full.
-    pub fn relabel_pod(&mut self, snapshot: &Snapshot, pod_id: &ObjectRef) -> Option<Touched> {
-        let pod = snapshot.pods.iter().find(|p| &p.id == pod_id)?;
-        let old_id = *self.pod_identity.get(pod_id)?;
-        if pod.host_network || pod.ips.is_empty() {
-            return None;
-        }
-        if self
-            .endpoints
-            .get(pod_id)
-            .is_some_and(|ep| ep.ips != pod.ips)
-        {
-            return None;
-        }
-        let mut touched = Touched::default();
-        let prev = Allocation::default();
-        let policies = policy_index(snapshot);
-        let pods = peer_pods(snapshot);
-        let ns_labels = namespace_labels(snapshot, &pods);
-
-        // 1. The pod's identity, and the entries a new identity gets in every class.
-        let key = IdentityKey::of(pod);
-        let known = self.allocation.identities.contains_key(&key);
-        let new_id = self.allocation.identity(&key, &prev.identities);
-        if !known {
-            self.identities.insert(new_id, key);
-            let classes: Vec<(ClassKey, u32)> = self
-                .allocation
-                .classes
-                .iter()
-                .map(|(k, id)| (k.clone(), *id))
-                .collect();
-            let cluster = Cluster {
-                identities: &self.identities,
-                by_namespace: BTreeMap::new(),
-                ns_labels: &ns_labels,
-                pods: &pods,
-            };
-            let mut emitted = Emitted::default();
-            for (class_key, class) in &classes {
-                let spec = class_spec(&policies, class_key);
-                let entries = identity_entries(&cluster, &spec, new_id);
-                emitted.policy_entries(*class, &entries, &mut self.allocation, &prev.rule_sets);
-            }
-            touched.policy.extend(emitted.policy.keys().copied());
-            self.policy.extend(emitted.policy);
-        }
-        self.pod_identity.insert(pod_id.clone(), new_id);
-        touched.ipcache.extend(set_pod_addresses(self, pod, new_id));
-
-        // 2. An identity no pod holds any more takes its entries with it.
-        if old_id != new_id && !self.pod_identity.values().any(|&i| i == old_id) {
-            if let Some(old_key) = self.identities.remove(&old_id) {
-                self.allocation.identities.remove(&old_key);
-            }
-            self.policy.retain(|e, _| {
-                let keep = e.peer != old_id;
-                if !keep {
-                    touched.policy.insert(*e);
-                }
-                keep
-            });
-        }
-
-        // 3. The pod's own classes, when it is an endpoint here.
-        if self.endpoints.contains_key(pod_id) {
-            for dir in Direction::ALL {
-                let key = class_key(snapshot, pod, dir);
-                let old_class = self.endpoints[pod_id].isolation(dir).class;
-                let class = if key.policies.is_empty() {
-                    None
-                } else {
-                    let known = self.allocation.classes.contains_key(&key);
-                    let id = self.allocation.class(&key, &prev.classes);
-                    if !known {
-                        let mut by_namespace: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-                        for (id, k) in &self.identities {
-                            by_namespace
-                                .entry(k.namespace.as_str())
-                                .or_default()
-                                .push(*id);
-                        }
-                        let cluster = Cluster {
-                            identities: &self.identities,
-                            by_namespace,
-                            ns_labels: &ns_labels,
-                            pods: &pods,
-                        };
-                        let spec = class_spec(&policies, &key);
-                        let entries = class_entries(&cluster, &spec);
-                        let mut emitted = Emitted::default();
-                        emitted.class(id, entries, &mut self.allocation, &prev.rule_sets);
-                        touched.policy.extend(emitted.policy.keys().copied());
-                        touched.cidr.extend(emitted.cidr.keys().copied());
-                        self.policy.extend(emitted.policy);
-                        self.cidr.extend(emitted.cidr);
-                        self.classes.insert(id, class_info(&key));
-                    }
-                    Some(id)
-                };
-                let ep = self.endpoints.get_mut(pod_id).expect("endpoint");
-                *match dir {
-                    Direction::Ingress => &mut ep.ingress,
-                    Direction::Egress => &mut ep.egress,
-                } = isolation(&key, class);
-                if old_class != 0 && Some(old_class) != class && !self.class_in_use(old_class) {
-                    self.remove_class(old_class, &mut touched);
-                }
-            }
-            self.endpoints.get_mut(pod_id).expect("endpoint").identity = new_id;
-            touched.endpoints.insert(pod_id.clone());
-        }
-        self.refresh_rule_sets();
-        Some(touched)
-    }
-
-    fn class_in_use(&self, class: u32) -> bool {
-        self.endpoints
-            .values()
-            .any(|e| e.ingress.class == class || e.egress.class == class)
-    }
-
-    fn remove_class(&mut self, class: u32, touched: &mut Touched) {
-        self.policy.retain(|e, _| {
-            let keep = e.class != class;
-            if !keep {
-                touched.policy.insert(*e);
-            }
-            keep
-        });
-        self.cidr.retain(|e, _| {
-            let keep = e.class != class;
-            if !keep {
-                touched.cidr.insert(*e);
-            }
-            keep
-        });
-        self.classes.remove(&class);
-        self.allocation.classes.retain(|_, id| *id != class);
     }
 }

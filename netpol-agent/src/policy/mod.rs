@@ -8,6 +8,7 @@ pub mod compile;
 pub mod desired;
 mod entries;
 pub mod evaluate;
+mod incremental;
 pub mod model;
 pub mod ports;
 pub mod render;
