@@ -14,6 +14,7 @@ use crate::source::file::add_documents;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const SCTP: u8 = 132;
 
 /// Namespaces `a` (team=x) and `b` (team=y); pods with IPs 10.0.<ns>.<n>.
 const CLUSTER: &str = r#"
@@ -188,6 +189,33 @@ fn table() {
                 ("a/web", Egress, "10.0.1.2", TCP, 8080, true),
                 // Only TCP "http" exists; UDP "dns" is not named in the rule.
                 ("a/api", Egress, "10.0.1.1", UDP, 53, false),
+            ],
+        },
+        Case {
+            name: "SCTP ports match SCTP only",
+            policy: r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p, namespace: a},
+                spec: {podSelector: {matchLabels: {app: web}}, ingress: [{ports: [{protocol: SCTP, port: 3868}, {protocol: SCTP, port: 9000, endPort: 9010}]}]}}"#,
+            checks: &[
+                ("a/web", Ingress, "10.0.2.1", SCTP, 3868, true),
+                ("a/web", Ingress, "10.0.2.1", SCTP, 9005, true),
+                ("a/web", Ingress, "10.0.2.1", SCTP, 9011, false),
+                ("a/web", Ingress, "10.0.2.1", TCP, 3868, false),
+                ("a/web", Ingress, "10.0.2.1", UDP, 3868, false),
+            ],
+        },
+        Case {
+            name: "egress: [] isolates and allows nothing, egress: [{}] allows everything",
+            policy: r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p1, namespace: a},
+                spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Egress], egress: []}}
+---
+{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p2, namespace: a},
+                spec: {podSelector: {matchLabels: {app: api}}, policyTypes: [Egress], egress: [{}]}}"#,
+            checks: &[
+                ("a/web", Egress, "10.0.2.1", TCP, 80, false),
+                ("a/web", Egress, "8.8.8.8", UDP, 53, false),
+                ("a/api", Egress, "10.0.2.1", TCP, 80, true),
+                ("a/api", Egress, "8.8.8.8", SCTP, 1, true),
+                ("a/web", Ingress, "10.0.2.1", TCP, 80, true),
             ],
         },
         Case {
