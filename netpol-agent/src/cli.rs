@@ -97,8 +97,17 @@ pub enum Output {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpWhat {
+    /// Tracked flows (`NP_CT`), per pod.
+    Conntrack,
+}
+
 #[derive(Debug, Args)]
 pub struct DumpArgs {
+    /// What to show instead of the endpoints and their policy.
+    #[arg(value_enum)]
+    pub what: Option<DumpWhat>,
     #[command(flatten)]
     pub node: NodeArgs,
     #[arg(short = 'o', long, value_enum, default_value = "table")]

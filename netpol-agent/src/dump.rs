@@ -328,3 +328,117 @@ pub fn render_table(dump: &Dump) -> String {
     }
     s
 }
+
+/// One tracked flow, decoded.
+#[derive(Debug, Serialize)]
+pub struct FlowDump {
+    pub pod: Option<String>,
+    pub ifindex: u32,
+    /// Direction (from the pod's point of view) of the packet that opened the flow.
+    pub direction: &'static str,
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    pub state: &'static str,
+    /// Seconds until the entry expires (negative: expired, waiting for reuse or GC).
+    pub expires_in_s: i64,
+    pub packets_forward: u64,
+    pub packets_reply: u64,
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn collect_conntrack(
+    pins: &PinDir,
+    state_dir: &Path,
+    pod_filter: Option<&str>,
+) -> Result<Vec<FlowDump>, DataplaneError> {
+    use netpol_common::ct::tcp_state;
+    let names = Names::read(state_dir);
+    let now = monotonic_ns() as i64;
+    let mut flows: Vec<FlowDump> = maps::conntrack(pins)?
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let pod = names.endpoints.get(&key.ifindex).cloned();
+            if pod_filter.is_some_and(|f| pod.as_deref() != Some(f)) {
+                return None;
+            }
+            let addr = |a, port: [u8; 2]| {
+                let ip = desired::addr_from_bytes(a);
+                let port = u16::from_be_bytes(port);
+                if ip.is_ipv6() {
+                    format!("[{ip}]:{port}")
+                } else {
+                    format!("{ip}:{port}")
+                }
+            };
+            let protocol = Protocol::from_number(key.proto).map_or_else(
+                || match key.proto {
+                    1 => "ICMP".to_string(),
+                    58 => "ICMPv6".to_string(),
+                    n => n.to_string(),
+                },
+                |p| p.name().to_string(),
+            );
+            Some(FlowDump {
+                pod,
+                ifindex: key.ifindex,
+                direction: if value.dir == Direction::Ingress as u8 {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                protocol,
+                source: addr(key.saddr, key.sport),
+                destination: addr(key.daddr, key.dport),
+                state: match value.state {
+                    tcp_state::SYN_SENT => "syn-sent",
+                    tcp_state::ESTABLISHED => "established",
+                    tcp_state::CLOSING => "closing",
+                    _ => "-",
+                },
+                expires_in_s: (value.expires as i64 - now) / 1_000_000_000,
+                packets_forward: value.packets_fwd,
+                packets_reply: value.packets_rev,
+            })
+        })
+        .collect();
+    flows.sort_by(|a, b| {
+        (&a.pod, &a.source, &a.destination).cmp(&(&b.pod, &b.source, &b.destination))
+    });
+    Ok(flows)
+}
+
+pub fn render_conntrack(flows: &[FlowDump]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>9}",
+        "POD", "OPENED", "PROTO", "SOURCE", "DESTINATION", "STATE", "TTL(s)", "PKTS f/r"
+    );
+    for f in flows {
+        let _ = writeln!(
+            s,
+            "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>9}",
+            f.pod.as_deref().unwrap_or("<unknown>"),
+            f.direction,
+            f.protocol,
+            f.source,
+            f.destination,
+            f.state,
+            f.expires_in_s,
+            format!("{}/{}", f.packets_forward, f.packets_reply)
+        );
+    }
+    let _ = writeln!(s, "{} flow(s)", flows.len());
+    s
+}

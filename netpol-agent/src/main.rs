@@ -9,7 +9,7 @@ use clap::Parser as _;
 use tracing::{error, warn};
 
 use netpol_agent::{
-    cli::{ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output, SimulateArgs},
+    cli::{self, ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output, SimulateArgs},
     dataplane, dump, policy, reconcile, simulate, source,
 };
 
@@ -133,6 +133,17 @@ fn dump(args: &DumpArgs) -> anyhow::Result<()> {
             args.node.node(),
             pins.path().display()
         );
+    }
+    if args.what == Some(cli::DumpWhat::Conntrack) {
+        let flows = dump::collect_conntrack(&pins, &args.node.state_dir(), args.pod.as_deref())?;
+        match args.output {
+            Output::Table => print!("{}", dump::render_conntrack(&flows)),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "flows": flows }))?
+            ),
+        }
+        return Ok(());
     }
     let dump = dump::collect(&pins, &args.node.state_dir(), args.pod.as_deref())?;
     match args.output {

@@ -5,13 +5,13 @@
 //! after ours still run; with none, the kernel passes the packet.
 
 use aya_ebpf::programs::TcContext;
-use netpol_common::{Direction, Reason};
+use netpol_common::{endpoint_flag, Direction, EndpointInfo, Reason};
 
 use crate::{
     conntrack::{self, Hit},
     counters::count,
     maps::ENDPOINTS,
-    parse::{parse, Parsed},
+    parse::{parse, Packet, Parsed},
     policy::decide,
 };
 
@@ -40,6 +40,9 @@ fn try_handle(ctx: &TcContext, dir: Direction) -> Result<Reason, Reason> {
         Parsed::Control => return Ok(Reason::Control),
         Parsed::Ip(pkt) => pkt,
     };
+    if dir == Direction::Egress && !source_is_pod(ep, &pkt) {
+        return Err(Reason::Spoofed);
+    }
     let key = conntrack::key(ifindex, &pkt);
     match conntrack::lookup(&key, dir, &pkt) {
         Hit::Established => return Ok(Reason::Established),
@@ -49,4 +52,15 @@ fn try_handle(ctx: &TcContext, dir: Direction) -> Result<Reason, Reason> {
     let allowed = decide(ep, dir, &pkt)?;
     conntrack::create(&key, dir, &pkt, allowed.rule_set)?;
     Ok(allowed.reason)
+}
+
+/// Anti-spoofing: a packet leaving the pod must carry one of the pod's own addresses. (ARP and
+/// neighbour discovery were passed before this point, as `Control`.)
+fn source_is_pod(ep: &EndpointInfo, pkt: &Packet) -> bool {
+    let is_v4 = pkt.src[..12] == netpol_common::ipv4_mapped([0; 4])[..12];
+    if is_v4 {
+        ep.flags & endpoint_flag::HAS_IPV4 != 0 && pkt.src == ep.ipv4
+    } else {
+        ep.flags & endpoint_flag::HAS_IPV6 != 0 && pkt.src == ep.ipv6
+    }
 }

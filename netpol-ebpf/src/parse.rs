@@ -166,8 +166,9 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Reason> {
     if fragment != Fragment::Later {
         if next == IPPROTO_ICMPV6 {
             let icmp: [u8; 2] = load(ctx, offset)?;
-            // Router/neighbour solicitation and advertisement, redirect.
-            if (133..=137).contains(&icmp[0]) {
+            // MLD (130-132, 143), router/neighbour solicitation and advertisement, redirect:
+            // the link's own housekeeping, sent from link-local or unspecified addresses.
+            if matches!(icmp[0], 130..=132 | 133..=137 | 143) {
                 return Ok(Parsed::Control);
             }
         }

@@ -470,3 +470,77 @@ fn root_run_reprograms_on_change_and_leaves_enforcement_on_exit() {
         "enforcement stays after the agent exits",
     );
 }
+
+#[test]
+fn root_spoofed_source_is_dropped_and_counted() {
+    let lab = lab();
+    let agent = Agent::new(&lab).unwrap();
+    agent.set_policies(&[]).unwrap();
+    agent.apply().unwrap();
+    let netns = lab.pod("t", "a").expect("pod a").netns.clone();
+    let in_a = |args: &[&str]| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .args(args)
+            .output()
+            .expect("nsenter")
+    };
+    // An address inside a's namespace that is not a's: the kernel will send from it.
+    let added = in_a(&["ip", "addr", "add", "10.244.1.200/32", "dev", "eth0"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let url = format!("http://{}:8080/", lab.pod_ip("t", "b"));
+    let spoofed = in_a(&["curl", "-s", "-m", "1", "--interface", "10.244.1.200", &url]);
+    assert!(
+        !spoofed.status.success(),
+        "a connection from a foreign source address got through"
+    );
+    let dump = agent.dump_json().unwrap();
+    assert!(
+        counter(&dump, "egress", "spoofed") > 0,
+        "spoofed packets counted: {dump}"
+    );
+    // a's own address still works.
+    assert_open(tcp(&lab, "t/a", "t/b", 8080), "a -> b from a's own address");
+}
+
+#[test]
+fn root_dump_conntrack_shows_a_pods_flows() {
+    let lab = lab();
+    let agent = Agent::new(&lab).unwrap();
+    agent.set_policies(&[]).unwrap();
+    agent.apply().unwrap();
+    let mut stream = lab
+        .open_tcp(("t", "a"), lab.pod_ip("t", "b"), 8080)
+        .unwrap();
+    writeln!(stream, "hello").unwrap();
+    let out = agent
+        .command("dump", &["conntrack", "--pod", "t/a", "-o", "json"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flows = json["flows"].as_array().expect("flows");
+    let b = format!("{}:8080", lab.pod_ip("t", "b"));
+    let flow = flows
+        .iter()
+        .find(|f| f["destination"] == b.as_str() && f["protocol"] == "TCP")
+        .unwrap_or_else(|| panic!("a's flow to {b} is tracked: {json}"));
+    assert_eq!(flow["pod"], "t/a");
+    assert_eq!(flow["direction"], "egress");
+    assert_eq!(flow["state"], "established");
+    assert!(
+        flow["expires_in_s"].as_i64().unwrap() > 3600,
+        "established flows live for hours"
+    );
+    assert!(flows.iter().all(|f| f["pod"] == "t/a"), "filtered by pod");
+    let table = agent.dump_table(None).unwrap();
+    assert!(table.contains("POD t/a"), "{table}");
+}
