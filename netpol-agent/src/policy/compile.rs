@@ -471,16 +471,25 @@ fn fill_ipcache(out: &mut Compiled, pods: &[&Pod], host_addrs: &[IpAddr]) {
     }
     for pod in pods {
         let id = out.pod_identity[&pod.id];
-        let _ = set_pod_addresses(out, pod, id);
+        // Each pod comes once: an entry already there is the node's or an earlier pod's.
+        let _ = set_pod_addresses(out, pod, id, &|_, _| true);
     }
 }
 
-pub(super) fn set_pod_addresses(out: &mut Compiled, pod: &Pod, id: u32) -> Vec<IpNet> {
+/// Points the pod's addresses at `id`. An address another pod or the node already holds is
+/// kept as it is (and reported): `claimed_elsewhere(address, current identity)` says whether
+/// the current entry belongs to someone else.
+pub(super) fn set_pod_addresses(
+    out: &mut Compiled,
+    pod: &Pod,
+    id: u32,
+    claimed_elsewhere: &dyn Fn(&IpAddr, u32) -> bool,
+) -> Vec<IpNet> {
     let mut set = Vec::new();
     for ip in &pod.ips {
         let net = IpNet::from(*ip);
         match out.ipcache.get(&net) {
-            Some(&existing) if existing != id && owner_elsewhere(out, &pod.id, existing) => {
+            Some(&existing) if existing != id && claimed_elsewhere(ip, existing) => {
                 out.warnings.push(format!(
                     "pod {}: address {ip} already belongs to identity {existing}; keeping that one",
                     pod.id
@@ -493,11 +502,6 @@ pub(super) fn set_pod_addresses(out: &mut Compiled, pod: &Pod, id: u32) -> Vec<I
         }
     }
     set
-}
-
-/// Whether an identity (or the host) holds an address for a reason other than this pod.
-fn owner_elsewhere(out: &Compiled, pod: &ObjectRef, id: u32) -> bool {
-    id == identity::HOST || out.pod_identity.iter().any(|(p, i)| *i == id && p != pod)
 }
 
 pub(super) fn namespace_labels(snapshot: &Snapshot, pods: &[&Pod]) -> BTreeMap<String, Labels> {

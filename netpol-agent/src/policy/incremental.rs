@@ -81,7 +81,17 @@ impl Compiled {
             self.policy.extend(emitted.policy);
         }
         self.pod_identity.insert(pod_id.clone(), new_id);
-        touched.ipcache.extend(set_pod_addresses(self, pod, new_id));
+        // The pod's own entries move with it; another pod's or the node's stay.
+        let claimed_elsewhere = |ip: &std::net::IpAddr, existing: u32| {
+            existing == netpol_common::identity::HOST
+                || snapshot
+                    .pods
+                    .iter()
+                    .any(|p| &p.id != pod_id && !p.host_network && p.ips.contains(ip))
+        };
+        touched
+            .ipcache
+            .extend(set_pod_addresses(self, pod, new_id, &claimed_elsewhere));
 
         // 2. An identity no pod holds any more takes its entries with it.
         if old_id != new_id && !self.pod_identity.values().any(|&i| i == old_id) {
