@@ -7,4 +7,5 @@
 
 pub mod agent;
 pub mod lab;
+pub mod packet;
 pub mod scenario;

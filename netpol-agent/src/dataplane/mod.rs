@@ -174,6 +174,33 @@ impl Dataplane {
         &self.pins
     }
 
+    /// Runs a classifier on one packet through `BPF_PROG_TEST_RUN`, `repeat` times: the
+    /// kernel executes the program on a synthetic skb (on loopback, ifindex 1); nothing is
+    /// sent anywhere. Returns the program's return value and the mean time per run.
+    pub fn test_run(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..TestRunOptions::new()
+        };
+        let result =
+            self.program(name)?
+                .test_run(opts)
+                .map_err(|source| DataplaneError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+        Ok((result.return_value as i32, result.duration))
+    }
+
     /// One of our classifiers, for attaching or `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DataplaneError> {
         program(&mut self.ebpf, name)
