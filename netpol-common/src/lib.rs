@@ -31,6 +31,8 @@ pub mod map_name {
 pub mod prog_name {
     pub const POD_EGRESS: &str = "pod_egress";
     pub const POD_INGRESS: &str = "pod_ingress";
+    /// Returns "next" and nothing else: the baseline of the per-packet benchmarks.
+    pub const NOOP: &str = "np_noop";
 }
 
 /// Default capacities. The agent may size maps differently (`max_entries` is set at load time).

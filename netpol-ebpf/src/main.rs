@@ -25,6 +25,12 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
     datapath::handle(&ctx, Direction::Ingress)
 }
 
+/// Does nothing: the baseline benchmarks measure our programs against. Loaded, never attached.
+#[classifier]
+pub fn np_noop(_ctx: TcContext) -> i32 {
+    -1
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -156,7 +156,11 @@ impl Dataplane {
                 pin_dir: pins.maps(),
                 source: Box::new(source),
             })?;
-        for name in [prog_name::POD_EGRESS, prog_name::POD_INGRESS] {
+        for name in [
+            prog_name::POD_EGRESS,
+            prog_name::POD_INGRESS,
+            prog_name::NOOP,
+        ] {
             program(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program {
