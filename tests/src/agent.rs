@@ -91,31 +91,33 @@ impl<'a> Agent<'a> {
     }
 
     /// Runs an agent subcommand in the node's network namespace with this node's flags.
-    pub fn command(&self, sub: &str, extra: &[&str]) -> Result<Output> {
+    /// `netpol-agent <sub>` in the node's network namespace, with this node's flags.
+    fn base(&self, sub: &str) -> std::process::Command {
         let mut cmd = self.lab.node_command(&self.bin.to_string_lossy());
         cmd.arg(sub)
             .args(["--node-name", self.lab.node_name()])
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(extra)
             .env("NETPOL_LOG", "warn");
-        cmd.output()
+        cmd
+    }
+
+    pub fn command(&self, sub: &str, extra: &[&str]) -> Result<Output> {
+        self.base(sub)
+            .args(extra)
+            .output()
             .with_context(|| format!("running {} {sub}", self.bin.display()))
     }
 
     /// Starts `run --manifests <dir>` in the background (the caller stops it by PID).
     pub fn spawn_run(&self) -> Result<std::process::Child> {
-        let mut cmd = self.lab.node_command(&self.bin.to_string_lossy());
-        cmd.arg("run")
-            .args(["--node-name", self.lab.node_name()])
-            .arg("--state-dir")
-            .arg(&self.state_dir)
+        self.base("run")
             .arg("--manifests")
             .arg(&self.manifests)
             .args(["--poll-ms", "100"])
-            .env("NETPOL_LOG", "warn")
-            .stdout(std::process::Stdio::null());
-        cmd.spawn().context("spawning netpol-agent run")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("spawning netpol-agent run")
     }
 
     /// `apply --manifests <dir>`; fails unless the agent exits 0.

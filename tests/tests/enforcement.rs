@@ -6,7 +6,7 @@ use std::{io::Write as _, time::Duration};
 
 use netpol_tests::{
     agent::Agent,
-    lab::{Lab, LabOptions, LabSpec, Probe, ProbeOutcome},
+    lab::{Lab, LabOptions, LabSpec, Probe, ProbeKind, ProbeOutcome},
     scenario::{probe_matrix, three_tier_expected},
 };
 
@@ -53,16 +53,24 @@ fn lab() -> Lab {
     .expect("lab starts (needs root, network namespaces and /usr/lib/cni)")
 }
 
-fn tcp(lab: &Lab, from: &str, to: &str, port: u16) -> ProbeOutcome {
+/// Probes `to`'s address from `from` (both `ns/pod`).
+fn probe(lab: &Lab, kind: ProbeKind, from: &str, to: &str, port: u16) -> ProbeOutcome {
     let (fns, fname) = from.split_once('/').expect("ns/pod");
     let (tns, tname) = to.split_once('/').expect("ns/pod");
-    lab.probe(&Probe::tcp((fns, fname), lab.pod_ip(tns, tname), port))
+    lab.probe(&Probe::new(
+        (fns, fname),
+        lab.pod_ip(tns, tname),
+        port,
+        kind,
+    ))
+}
+
+fn tcp(lab: &Lab, from: &str, to: &str, port: u16) -> ProbeOutcome {
+    probe(lab, ProbeKind::TcpConnect, from, to, port)
 }
 
 fn udp(lab: &Lab, from: &str, to: &str, port: u16) -> ProbeOutcome {
-    let (fns, fname) = from.split_once('/').expect("ns/pod");
-    let (tns, tname) = to.split_once('/').expect("ns/pod");
-    lab.probe(&Probe::udp((fns, fname), lab.pod_ip(tns, tname), port))
+    probe(lab, ProbeKind::Udp, from, to, port)
 }
 
 #[track_caller]

@@ -340,10 +340,8 @@ pub fn compile_with(
 
     for pod in &local {
         let isolation = |dir: Direction| {
-            isolation(
-                &pod_class[&(&pod.id, dir)],
-                class_ids.get(&pod_class[&(&pod.id, dir)]).copied(),
-            )
+            let key = &pod_class[&(&pod.id, dir)];
+            isolation(key, class_ids.get(key).copied())
         };
         out.endpoints.insert(
             pod.id.clone(),
