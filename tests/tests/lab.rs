@@ -416,6 +416,7 @@ fn lab_root_dropped_flows_time_out_and_options_apply() {
         node_name: Some("worker-7".into()),
         pod_cidr: "10.77.3.0/24".parse().unwrap(),
         probe_timeout: Duration::from_millis(500),
+        ..LabOptions::default()
     };
     let lab = Lab::start(&spec, opts).unwrap_or_else(|e| panic!("the lab should start: {e:#}"));
     assert_eq!(lab.node_name(), "worker-7");
@@ -526,4 +527,102 @@ fn lab_root_cleanup_stale_removes_a_crashed_processs_lab() {
         state_dir.display()
     );
     std::fs::remove_dir_all(out.parent().unwrap()).expect("remove the scratch directory");
+}
+
+// ---- dual-stack, Services, DNS and two nodes: lab plumbing only, no agent -------------------
+
+fn start_with(yaml: &str, opts: LabOptions) -> Lab {
+    let spec = LabSpec::from_yaml_str(yaml).expect("the test spec should parse");
+    Lab::start(&spec, opts).unwrap_or_else(|e| panic!("the lab should start: {e:#}"))
+}
+
+fn dual_stack() -> LabOptions {
+    LabOptions {
+        pod_cidr_v6: Some("fd00:10:244:1::/64".parse().unwrap()),
+        ..LabOptions::default()
+    }
+}
+
+#[test]
+fn root_lab_dual_stack_pods_reach_each_other_over_ipv6() {
+    require_root();
+    let lab = start_with(TWO_NAMESPACES_THREE_PODS, dual_stack());
+    let v6_cidr: ipnet::Ipv6Net = "fd00:10:244:1::/64".parse().unwrap();
+    for pod in lab.pods() {
+        assert!(
+            pod.ip.is_ipv4(),
+            "{}/{}: ip stays IPv4",
+            pod.namespace,
+            pod.name
+        );
+        match pod.ipv6 {
+            Some(IpAddr::V6(v6)) => assert!(
+                v6_cidr.contains(&v6),
+                "{}/{}: {v6} is outside {v6_cidr}",
+                pod.namespace,
+                pod.name
+            ),
+            other => panic!(
+                "{}/{} has no IPv6 address: {other:?}",
+                pod.namespace, pod.name
+            ),
+        }
+    }
+    let web = lab.pod("alpha", "web").expect("alpha/web").clone();
+    let db = lab.pod("beta", "db").expect("beta/db").clone();
+    let (web6, db6) = (web.ipv6.unwrap(), db.ipv6.unwrap());
+    let from = ("alpha", "client");
+    assert_outcomes(
+        &lab,
+        &[
+            Probe::tcp(from, web6, 8080),
+            Probe::http(from, web6, 80),
+            Probe::udp(from, web6, 5353),
+            Probe::udp(from, db6, 53),
+            Probe::tcp(("beta", "db"), web6, 80),
+            // The [::] servers still take IPv4.
+            Probe::tcp(from, web.ip, 8080),
+            Probe::udp(from, db.ip, 53),
+        ],
+        ProbeOutcome::Connected,
+    );
+    assert_outcomes(
+        &lab,
+        &[Probe::tcp(from, db6, CLOSED_PORT)],
+        ProbeOutcome::Refused,
+    );
+    assert_eq!(
+        identity_via_http(&lab, from, db6, 5432),
+        "beta/db\n",
+        "the right pod answers over IPv6"
+    );
+
+    let dir = scratch_dir("dual-stack");
+    let path = lab
+        .write_cluster_manifests(&dir)
+        .unwrap_or_else(|e| panic!("write manifests: {e:#}"));
+    let stored = LabSpec::load(&path).expect("the manifests parse back");
+    for pod in &stored.pods {
+        let name = pod.metadata.name.clone().unwrap();
+        let namespace = pod.metadata.namespace.clone().unwrap();
+        let lab_pod = lab.pod(&namespace, &name).unwrap();
+        let status = pod.status.as_ref().unwrap();
+        let ips: Vec<String> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|i| i.ip.clone())
+            .collect();
+        assert_eq!(
+            ips,
+            [lab_pod.ip.to_string(), lab_pod.ipv6.unwrap().to_string()],
+            "{namespace}/{name}: podIPs lists IPv4 first, then IPv6"
+        );
+        assert_eq!(
+            status.pod_ip,
+            Some(lab_pod.ip.to_string()),
+            "podIP is the IPv4 one"
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
 }

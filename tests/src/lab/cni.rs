@@ -4,12 +4,12 @@
 //! end of each veth and the /32 route to the pod land there and never in the root namespace.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use super::netns::{netns_path, nsenter_command};
@@ -32,6 +32,13 @@ pub struct Attachment {
     pub pod_netns: String,
 }
 
+/// The addresses CNI ADD gave a pod: always IPv4, IPv6 too on a dual-stack network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodAddresses {
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
+}
+
 #[derive(Deserialize)]
 struct CniResult {
     #[serde(default)]
@@ -44,19 +51,30 @@ struct CniIp {
 }
 
 impl CniNetwork {
-    pub fn new(pod_cidr: Ipv4Net, ipam_dir: &Path) -> CniNetwork {
+    pub fn new(pod_cidr: Ipv4Net, pod_cidr_v6: Option<Ipv6Net>, ipam_dir: &Path) -> CniNetwork {
+        let ipam = match pod_cidr_v6 {
+            None => serde_json::json!({
+                "type": "host-local",
+                "subnet": pod_cidr.to_string(),
+                "dataDir": ipam_dir,
+                "routes": [{ "dst": "0.0.0.0/0" }],
+            }),
+            // One range set per family: host-local then hands out one address from each,
+            // the way a dual-stack cluster's CNI config does.
+            Some(v6) => serde_json::json!({
+                "type": "host-local",
+                "ranges": [[{ "subnet": pod_cidr.to_string() }], [{ "subnet": v6.to_string() }]],
+                "dataDir": ipam_dir,
+                "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }],
+            }),
+        };
         let ptp = serde_json::json!({
             "cniVersion": CNI_VERSION,
             "name": "netpol-lab",
             "type": "ptp",
             // No masquerade: NetworkPolicy must see the real pod source addresses.
             "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "subnet": pod_cidr.to_string(),
-                "dataDir": ipam_dir,
-                "routes": [{ "dst": "0.0.0.0/0" }],
-            },
+            "ipam": ipam,
         });
         let loopback = serde_json::json!({
             "cniVersion": CNI_VERSION,
@@ -69,11 +87,11 @@ impl CniNetwork {
         }
     }
 
-    /// ADD: brings up lo, then eth0 with an address from the pod CIDR, which it returns.
-    pub fn add(&self, node_netns: &str, pod: &Attachment) -> Result<Ipv4Addr> {
+    /// ADD: brings up lo, then eth0 with addresses from the pod CIDRs, which it returns.
+    pub fn add(&self, node_netns: &str, pod: &Attachment) -> Result<PodAddresses> {
         invoke("loopback", "ADD", &self.loopback, node_netns, pod, "lo")?;
         let stdout = invoke("ptp", "ADD", &self.ptp, node_netns, pod, "eth0")?;
-        parse_pod_ip(&stdout).with_context(|| format!("ptp result for {}", pod.pod_netns))
+        parse_pod_ips(&stdout).with_context(|| format!("ptp result for {}", pod.pod_netns))
     }
 
     /// DEL in the reverse order of ADD; both are attempted even if the first fails.
@@ -128,14 +146,30 @@ fn invoke(
     Ok(output.stdout)
 }
 
-fn parse_pod_ip(stdout: &[u8]) -> Result<Ipv4Addr> {
+fn parse_pod_ips(stdout: &[u8]) -> Result<PodAddresses> {
     let result: CniResult = serde_json::from_slice(stdout).context("decoding the CNI result")?;
-    result
+    let addresses: Vec<IpAddr> = result
         .ips
         .iter()
-        .find_map(|ip| ip.address.parse::<Ipv4Net>().ok())
-        .map(|net| net.addr())
-        .context("the CNI result holds no IPv4 address")
+        .map(|ip| {
+            ip.address
+                .parse::<IpNet>()
+                .map(|net| net.addr())
+                .with_context(|| format!("CNI returned the address {:?}", ip.address))
+        })
+        .collect::<Result<_>>()?;
+    let v4 = addresses
+        .iter()
+        .find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .context("the CNI result holds no IPv4 address")?;
+    let v6 = addresses.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    Ok(PodAddresses { v4, v6 })
 }
 
 #[cfg(test)]
@@ -147,12 +181,55 @@ mod tests {
         let result = br#"{"cniVersion":"1.0.0","interfaces":[{"name":"veth1"},{"name":"eth0","sandbox":"/run/netns/x"}],
             "ips":[{"interface":1,"address":"10.244.1.2/24","gateway":"10.244.1.1"}],"routes":[{"dst":"0.0.0.0/0"}],"dns":{}}"#;
         assert_eq!(
-            parse_pod_ip(result).expect("a valid result"),
-            Ipv4Addr::new(10, 244, 1, 2)
+            parse_pod_ips(result).expect("a valid result"),
+            PodAddresses {
+                v4: Ipv4Addr::new(10, 244, 1, 2),
+                v6: None
+            }
         );
         assert!(
-            parse_pod_ip(br#"{"ips":[]}"#).is_err(),
+            parse_pod_ips(br#"{"ips":[]}"#).is_err(),
             "no address must be an error"
+        );
+    }
+
+    #[test]
+    fn reads_both_addresses_from_a_dual_stack_result() {
+        // The order host-local returns them in follows the ranges, but the lab must not care.
+        let result = br#"{"ips":[{"address":"fd00:10:244:1::2/64","gateway":"fd00:10:244:1::1"},
+            {"address":"10.244.1.2/24","gateway":"10.244.1.1"}]}"#;
+        assert_eq!(
+            parse_pod_ips(result).expect("a valid result"),
+            PodAddresses {
+                v4: Ipv4Addr::new(10, 244, 1, 2),
+                v6: Some("fd00:10:244:1::2".parse().unwrap())
+            }
+        );
+        assert!(
+            parse_pod_ips(br#"{"ips":[{"address":"fd00::2/64"}]}"#).is_err(),
+            "a pod without an IPv4 address breaks LabPod.ip"
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_network_has_one_range_per_family_and_both_default_routes() {
+        let network = CniNetwork::new(
+            "10.9.0.0/24".parse().unwrap(),
+            Some("fd00:9::/64".parse().unwrap()),
+            Path::new("/run/netpol-lab/x/ipam"),
+        );
+        let config: serde_json::Value = serde_json::from_str(&network.ptp).unwrap();
+        assert_eq!(
+            config["ipam"]["ranges"],
+            serde_json::json!([[{"subnet": "10.9.0.0/24"}], [{"subnet": "fd00:9::/64"}]])
+        );
+        assert_eq!(
+            config["ipam"]["routes"],
+            serde_json::json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}])
+        );
+        assert!(
+            config["ipam"].get("subnet").is_none(),
+            "ranges replace subnet"
         );
     }
 
@@ -160,6 +237,7 @@ mod tests {
     fn ipam_state_goes_to_the_given_directory() {
         let network = CniNetwork::new(
             "10.9.0.0/24".parse().unwrap(),
+            None,
             Path::new("/run/netpol-lab/x/ipam"),
         );
         let config: serde_json::Value = serde_json::from_str(&network.ptp).unwrap();

@@ -57,10 +57,15 @@ fn as_stored_namespace(mut namespace: Namespace) -> Namespace {
 fn as_stored_pod(mut pod: Pod, lab_pod: &LabPod, node_name: &str) -> Pod {
     pod.metadata.namespace = Some(lab_pod.namespace.clone());
     pod.spec.get_or_insert_with(Default::default).node_name = Some(node_name.to_string());
-    let ip = lab_pod.ip.to_string();
     let status = pod.status.get_or_insert_with(PodStatus::default);
     status.phase = Some("Running".to_string());
-    status.pod_ip = Some(ip.clone());
-    status.pod_ips = Some(vec![PodIP { ip }]);
+    status.pod_ip = Some(lab_pod.ip.to_string());
+    // The primary (IPv4) family first, as a dual-stack API server lists them.
+    status.pod_ips = Some(
+        std::iter::once(lab_pod.ip)
+            .chain(lab_pod.ipv6)
+            .map(|ip| PodIP { ip: ip.to_string() })
+            .collect(),
+    );
     pod
 }

@@ -90,6 +90,18 @@ pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> 
     })
 }
 
+/// Sets a `net.*` sysctl of the named namespace, e.g. `("net.ipv6.conf.all.accept_dad", "0")`.
+/// Written from a thread inside the namespace: /proc/sys/net shows the namespace of the thread
+/// that opens it, so the machine's own settings are never touched.
+pub fn set_sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    if !key.starts_with("net.") || key.contains("..") || key.contains('/') {
+        bail!("{key} is not a per-namespace net.* sysctl");
+    }
+    let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+    in_netns(netns, || std::fs::write(&path, value))?
+        .with_context(|| format!("setting {key}={value} in {netns}"))
+}
+
 /// A command that runs `program` inside the named network namespace. `nsenter --net` is used
 /// rather than `ip netns exec`, which remounts /sys and would hide the host's bpffs.
 pub fn nsenter_command(name: &str, program: &str) -> Command {

@@ -8,11 +8,11 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::cni::{Attachment, CniNetwork};
 use super::names::LabNames;
-use super::netns::{add_netns, delete_netns, nsenter_command};
+use super::netns::{add_netns, delete_netns, nsenter_command, set_sysctl};
 use super::probe::{classify, connect_tcp, run_probe, Probe, ProbeOutcome};
 use super::server::Servers;
 use super::spec::{pod_namespace, pod_ports, LabSpec, PodPort};
@@ -24,6 +24,8 @@ pub struct LabOptions {
     pub node_name: Option<String>,
     /// The node's pod CIDR, handed to host-local IPAM.
     pub pod_cidr: Ipv4Net,
+    /// The node's IPv6 pod CIDR (e.g. fd00:10:244:1::/64); set, every pod is dual-stack.
+    pub pod_cidr_v6: Option<Ipv6Net>,
     /// How long every probe waits before calling a flow dropped.
     pub probe_timeout: Duration,
 }
@@ -33,17 +35,21 @@ impl Default for LabOptions {
         LabOptions {
             node_name: None,
             pod_cidr: "10.244.1.0/24".parse().expect("a valid literal CIDR"),
+            pod_cidr_v6: None,
             probe_timeout: Duration::from_secs(1),
         }
     }
 }
 
-/// A running pod: its network namespace, its address and the ports with servers behind them.
+/// A running pod: its network namespace, its addresses and the ports with servers behind them.
 #[derive(Debug, Clone)]
 pub struct LabPod {
     pub namespace: String,
     pub name: String,
+    /// The pod's IPv4 address (every lab pod has one).
     pub ip: IpAddr,
+    /// The pod's IPv6 address, on a dual-stack lab (`LabOptions::pod_cidr_v6`).
+    pub ipv6: Option<IpAddr>,
     pub netns: String,
     pub ports: Vec<PodPort>,
 }
@@ -54,6 +60,7 @@ pub struct Lab {
     spec: LabSpec,
     probe_timeout: Duration,
     network: CniNetwork,
+    dual_stack: bool,
     pods: Vec<LabPod>,
     /// Pods handed to CNI ADD, recorded before the call so a half-done ADD is still undone.
     attachments: Vec<Attachment>,
@@ -77,7 +84,8 @@ impl Lab {
         state::create_lab_dir(&names.dir())?;
         let mut lab = Lab {
             node_name: opts.node_name.unwrap_or_else(|| names.id.clone()),
-            network: CniNetwork::new(opts.pod_cidr, &names.ipam_dir()),
+            network: CniNetwork::new(opts.pod_cidr, opts.pod_cidr_v6, &names.ipam_dir()),
+            dual_stack: opts.pod_cidr_v6.is_some(),
             names,
             spec: spec.clone(),
             probe_timeout: opts.probe_timeout,
@@ -111,6 +119,12 @@ impl Lab {
             status.success(),
             "bringing up lo in {node} failed ({status})"
         );
+        if self.dual_stack {
+            prepare_ipv6(&node)?;
+            // The ptp plugin turns IPv6 forwarding on as well, but the node routes between
+            // pods from the start, whatever the plugin version does.
+            set_sysctl(&node, "net.ipv6.conf.all.forwarding", "1")?;
+        }
 
         for (index, pod) in self.spec.pods.clone().iter().enumerate() {
             let namespace = pod_namespace(pod).to_string();
@@ -121,20 +135,29 @@ impl Lab {
                 .context("a pod without a name passed validation")?;
             let netns = self.names.pod_netns(index);
             self.create_netns(&netns)?;
+            if self.dual_stack {
+                prepare_ipv6(&netns)?;
+            }
             let attachment = Attachment {
                 container_id: self.names.container_id(index),
                 pod_netns: netns.clone(),
             };
             self.attachments.push(attachment.clone());
-            let ip = self
+            let ips = self
                 .network
                 .add(&node, &attachment)
                 .with_context(|| format!("wiring pod {namespace}/{name}"))?;
+            ensure!(
+                ips.v6.is_some() == self.dual_stack,
+                "pod {namespace}/{name} got {ips:?} from a network that is {}dual-stack",
+                if self.dual_stack { "" } else { "not " }
+            );
             let ports = pod_ports(pod)?;
             self.pods.push(LabPod {
                 namespace,
                 name,
-                ip: ip.into(),
+                ip: ips.v4.into(),
+                ipv6: ips.v6.map(IpAddr::from),
                 netns,
                 ports,
             });
@@ -144,7 +167,7 @@ impl Lab {
         for pod in &self.pods {
             let identity = format!("{}/{}", pod.namespace, pod.name);
             servers
-                .serve_pod(&pod.netns, &identity, &pod.ports)
+                .serve_pod(&pod.netns, &identity, &pod.ports, pod.ipv6.is_some())
                 .with_context(|| format!("serving {identity}"))?;
         }
         Ok(())
@@ -300,6 +323,21 @@ impl Lab {
         ensure!(failures.is_empty(), "{}", failures.join("; "));
         Ok(())
     }
+}
+
+/// Makes IPv6 addresses usable at once: duplicate address detection would hold every new
+/// address tentative for a second or more (ptp waits for it), and nothing else on these
+/// point-to-point links can hold the same address. `default` covers the interfaces CNI is about
+/// to create or move in; `bindv6only=0` lets a server's `[::]` socket take IPv4 as well.
+fn prepare_ipv6(netns: &str) -> Result<()> {
+    for (key, value) in [
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+        ("net.ipv6.bindv6only", "0"),
+    ] {
+        set_sysctl(netns, key, value)?;
+    }
+    Ok(())
 }
 
 impl Drop for Lab {

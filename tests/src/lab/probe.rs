@@ -160,10 +160,11 @@ fn probe_http(netns: &str, target: SocketAddr, timeout: Duration) -> ProbeOutcom
     let url = format!("http://{target}/");
     let output = nsenter_command(netns, "curl")
         // -sSv: no progress meter, but the connect error; --noproxy: the request must go to
-        // `target` itself even if the environment names a proxy.
+        // `target` itself even if the environment names a proxy; -g: the brackets of an IPv6
+        // URL are an address, not a glob range.
         .env("LC_ALL", "C")
         .args([
-            "-sSv",
+            "-sSvg",
             "--noproxy",
             "*",
             "-o",

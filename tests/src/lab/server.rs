@@ -3,7 +3,9 @@
 //! a short timeout so a stop flag ends all threads promptly when the lab is dropped.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,16 +42,33 @@ enum Bound {
 }
 
 impl Servers {
-    /// Binds 0.0.0.0:<port> for every port inside `netns` and serves them, answering with
-    /// `identity` (`<ns>/<pod>`) so a client can tell which pod replied.
-    pub fn serve_pod(&mut self, netns: &str, identity: &str, ports: &[PodPort]) -> Result<()> {
+    /// Binds every port inside `netns` and serves them, answering with `identity`
+    /// (`<ns>/<pod>`) so a client can tell which pod replied. A dual-stack pod binds `[::]`,
+    /// which (with the namespace's `bindv6only=0`) also accepts IPv4; others bind 0.0.0.0.
+    pub fn serve_pod(
+        &mut self,
+        netns: &str,
+        identity: &str,
+        ports: &[PodPort],
+        dual_stack: bool,
+    ) -> Result<()> {
         if let Some(sctp) = ports.iter().find(|p| p.protocol == Protocol::Sctp) {
             bail!(
                 "{identity}: port {} is SCTP, which the lab cannot serve",
                 sctp.port
             );
         }
-        let sockets = in_netns(netns, || ports.iter().map(bind).collect::<Result<Vec<_>>>())??;
+        let any: IpAddr = if dual_stack {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let sockets = in_netns(netns, || {
+            ports
+                .iter()
+                .map(|port| bind(any, port))
+                .collect::<Result<Vec<_>>>()
+        })??;
         let reply = format!("{identity}\n");
         for socket in sockets {
             let stop = Arc::clone(&self.stop);
@@ -78,8 +97,8 @@ impl Drop for Servers {
     }
 }
 
-fn bind(port: &PodPort) -> Result<Bound> {
-    let address = ("0.0.0.0", port.port);
+fn bind(any: IpAddr, port: &PodPort) -> Result<Bound> {
+    let address = SocketAddr::new(any, port.port);
     match port.protocol {
         Protocol::Tcp => {
             let listener =
