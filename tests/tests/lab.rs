@@ -626,3 +626,227 @@ fn root_lab_dual_stack_pods_reach_each_other_over_ipv6() {
     }
     std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
 }
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - name: web
+    ports:
+    - {containerPort: 8080, name: http}
+    - {containerPort: 5353, protocol: UDP, name: dns}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - name: web
+    ports:
+    - {containerPort: 8081, name: http}
+    - {containerPort: 5353, protocol: UDP, name: dns}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: dns}
+  - {name: raw, port: 7000}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: shop}
+spec:
+  selector: {app: none}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-headless, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{port: 8080}]
+"#;
+
+#[test]
+fn root_lab_service_vip_dnats_to_every_backend_and_keeps_the_client_address() {
+    require_root();
+    let lab = start(SERVICES);
+    let vip = lab.service_ip("shop", "web");
+    assert_eq!(
+        vip.to_string(),
+        "10.96.0.11",
+        "the first allocated ClusterIP"
+    );
+    assert!(
+        lab.service("shop", "web-headless").unwrap().is_headless(),
+        "clusterIP: None is headless"
+    );
+    let from = ("shop", "client");
+    assert_outcomes(
+        &lab,
+        &[
+            Probe::http(from, vip, 80),
+            Probe::tcp(from, vip, 80),
+            Probe::udp(from, vip, 53),
+            // Hairpin: a backend reaching its own Service, maybe itself.
+            Probe::tcp(("shop", "web-1"), vip, 80),
+            Probe::tcp(("shop", "web-2"), vip, 80),
+        ],
+        ProbeOutcome::Connected,
+    );
+    assert_outcomes(
+        &lab,
+        &[Probe::tcp(from, lab.service_ip("shop", "nobody"), 80)],
+        ProbeOutcome::Refused,
+    );
+    assert_eq!(
+        lab.tcp_connect_from_node(vip, 80, Duration::from_secs(1)),
+        ProbeOutcome::Connected,
+        "the node's own connections pass OUTPUT's DNAT"
+    );
+
+    // The named targetPort resolves per pod (8080 on web-1, 8081 on web-2) and the random
+    // split reaches both: 40 tries all landing on one backend has odds of 2^-39.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(identity_via_http(&lab, from, vip, 80));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["shop/web-1\n", "shop/web-2\n"],
+        "both backends answer through the ClusterIP"
+    );
+
+    // No masquerade: the backend sees the client pod's own address. Port 7000 has a numeric
+    // targetPort, so both pods are endpoints; the test listens there itself.
+    let listeners: Vec<_> = ["web-1", "web-2"]
+        .iter()
+        .map(|pod| {
+            lab.in_pod("shop", pod, || std::net::TcpListener::bind("0.0.0.0:7000"))
+                .expect("enter the pod")
+                .expect("bind 7000 in the pod")
+        })
+        .collect();
+    for listener in &listeners {
+        listener.set_nonblocking(true).unwrap();
+    }
+    let _client = lab
+        .open_tcp(from, vip, 7000)
+        .unwrap_or_else(|e| panic!("connect through the ClusterIP: {e:#}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let peer = loop {
+        if let Some((_, peer)) = listeners.iter().find_map(|l| l.accept().ok()) {
+            break peer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no backend accepted the connection"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        peer.ip(),
+        lab.pod_ip("shop", "client"),
+        "the backend must see the client pod, not a masqueraded address"
+    );
+
+    let rules = lab
+        .node_command("iptables-save")
+        .output()
+        .expect("iptables-save runs in the node");
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    for needle in [
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-m statistic --mode random --probability 0.5",
+        "-j DNAT --to-destination 10.244.1.",
+    ] {
+        assert!(
+            rules.contains(needle),
+            "the node's rules lack {needle:?}:\n{rules}"
+        );
+    }
+}
+
+#[test]
+fn root_lab_manifests_hold_services_with_cluster_ips_and_endpoint_slices() {
+    require_root();
+    let lab = start(SERVICES);
+    let dir = scratch_dir("services");
+    let path = lab
+        .write_cluster_manifests(&dir)
+        .unwrap_or_else(|e| panic!("write manifests: {e:#}"));
+    let text = std::fs::read_to_string(&path).expect("read the manifests");
+    let stored = LabSpec::load(&path).expect("the manifests parse back");
+    assert_eq!(stored.services.len(), 3);
+    let web = &stored.services[0];
+    let spec = web.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.11"));
+    assert_eq!(spec.cluster_ips, Some(vec!["10.96.0.11".to_string()]));
+    let headless = stored.services[2].spec.as_ref().unwrap();
+    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+
+    let slices: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| v["kind"] == "EndpointSlice")
+        .collect();
+    let of = |service: &str| -> Vec<&serde_yaml::Value> {
+        slices
+            .iter()
+            .filter(|s| s["metadata"]["labels"]["kubernetes.io/service-name"] == service)
+            .collect()
+    };
+    let web_slices = of("web");
+    assert_eq!(
+        web_slices.len(),
+        2,
+        "web-1 and web-2 resolve http to different ports, so two slices: {web_slices:?}"
+    );
+    for slice in &web_slices {
+        assert_eq!(slice["apiVersion"], "discovery.k8s.io/v1");
+        assert_eq!(slice["addressType"], "IPv4");
+        let endpoint = &slice["endpoints"][0];
+        let pod = endpoint["targetRef"]["name"].as_str().unwrap();
+        assert_eq!(endpoint["targetRef"]["kind"], "Pod");
+        assert_eq!(endpoint["conditions"]["ready"], true);
+        assert_eq!(
+            endpoint["addresses"][0].as_str(),
+            Some(lab.pod_ip("shop", pod).to_string().as_str())
+        );
+        let http = slice["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "http")
+            .expect("an http port");
+        let expected = if pod == "web-1" { 8080 } else { 8081 };
+        assert_eq!(http["port"].as_u64(), Some(expected), "{pod}'s http port");
+        assert_eq!(http["protocol"], "TCP");
+    }
+    let empty = of("nobody");
+    assert_eq!(
+        empty.len(),
+        1,
+        "a Service without endpoints still has one slice"
+    );
+    assert!(empty[0]["endpoints"].as_sequence().unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
+}

@@ -1,20 +1,31 @@
-//! The lab as an API server would hold it: the spec's Namespaces and Pods, with the fields the
-//! control plane fills in (node name, pod IPs, phase, the namespace name label). The agent's
-//! file source reads this instead of a real cluster.
+//! The lab as an API server would hold it: the spec's Namespaces, Pods and Services with the
+//! fields the control plane fills in (node name, pod IPs, phase, the namespace name label,
+//! ClusterIPs), plus what controllers create (an EndpointSlice per Service). The agent's file
+//! source reads this instead of a real cluster.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP, PodStatus};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, PodIP, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::node::LabPod;
+use super::services::{service_namespace, LabService};
 use super::spec::{pod_namespace, LabSpec};
 
 /// The label the API server puts on every namespace; policies select namespaces by name with it.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-pub fn render(spec: &LabSpec, pods: &[LabPod], node_name: &str) -> Result<String> {
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+pub fn render(spec: &LabSpec, pods: &[LabPod], services: &[LabService]) -> Result<String> {
     let mut yaml = String::new();
     for namespace in spec.namespaces_with_implicit() {
         append(&mut yaml, &as_stored_namespace(namespace))?;
@@ -26,7 +37,26 @@ pub fn render(spec: &LabSpec, pods: &[LabPod], node_name: &str) -> Result<String
             .iter()
             .find(|p| p.namespace == namespace && p.name == name)
             .with_context(|| format!("pod {namespace}/{name} has no lab address"))?;
-        append(&mut yaml, &as_stored_pod(pod.clone(), lab_pod, node_name))?;
+        append(&mut yaml, &as_stored_pod(pod.clone(), lab_pod))?;
+    }
+    for service in &spec.services {
+        let namespace = service_namespace(service);
+        let name = service.metadata.name.as_deref().unwrap_or_default();
+        let lab_service = services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .with_context(|| format!("service {namespace}/{name} was not planned"))?;
+        append(&mut yaml, &as_stored_service(service.clone(), lab_service))?;
+        if service
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_some()
+        {
+            for slice in endpoint_slices(service, lab_service) {
+                append(&mut yaml, &slice)?;
+            }
+        }
     }
     Ok(yaml)
 }
@@ -54,9 +84,9 @@ fn as_stored_namespace(mut namespace: Namespace) -> Namespace {
     namespace
 }
 
-fn as_stored_pod(mut pod: Pod, lab_pod: &LabPod, node_name: &str) -> Pod {
+fn as_stored_pod(mut pod: Pod, lab_pod: &LabPod) -> Pod {
     pod.metadata.namespace = Some(lab_pod.namespace.clone());
-    pod.spec.get_or_insert_with(Default::default).node_name = Some(node_name.to_string());
+    pod.spec.get_or_insert_with(Default::default).node_name = Some(lab_pod.node.clone());
     let status = pod.status.get_or_insert_with(PodStatus::default);
     status.phase = Some("Running".to_string());
     status.pod_ip = Some(lab_pod.ip.to_string());
@@ -68,4 +98,113 @@ fn as_stored_pod(mut pod: Pod, lab_pod: &LabPod, node_name: &str) -> Pod {
             .collect(),
     );
     pod
+}
+
+/// The defaults the API server fills in and the ClusterIP the allocator chose.
+fn as_stored_service(mut service: Service, lab: &LabService) -> Service {
+    service.metadata.namespace = Some(lab.namespace.clone());
+    let spec = service.spec.get_or_insert_with(Default::default);
+    let cluster_ip = lab
+        .cluster_ip
+        .map_or_else(|| "None".to_string(), |ip| ip.to_string());
+    spec.type_ = Some("ClusterIP".to_string());
+    spec.cluster_ip = Some(cluster_ip.clone());
+    spec.cluster_ips = Some(vec![cluster_ip]);
+    spec.ip_families = Some(vec!["IPv4".to_string()]);
+    spec.ip_family_policy = Some("SingleStack".to_string());
+    spec.session_affinity
+        .get_or_insert_with(|| "None".to_string());
+    spec.internal_traffic_policy
+        .get_or_insert_with(|| "Cluster".to_string());
+    for port in spec.ports.iter_mut().flatten() {
+        port.protocol.get_or_insert_with(|| "TCP".to_string());
+        port.target_port.get_or_insert(IntOrString::Int(port.port));
+    }
+    service
+}
+
+/// What the EndpointSlice controller writes: the endpoints grouped by the ports they resolve
+/// (a named targetPort may map to different numbers on different pods), one slice per group,
+/// and one empty slice for a Service without endpoints.
+fn endpoint_slices(service: &Service, lab: &LabService) -> Vec<EndpointSlice> {
+    let mut groups: BTreeMap<Vec<Option<u16>>, Vec<Endpoint>> = BTreeMap::new();
+    for endpoint in &lab.endpoints {
+        groups
+            .entry(endpoint.target_ports.clone())
+            .or_default()
+            .push(Endpoint {
+                addresses: vec![endpoint.ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                hostname: endpoint.hostname.clone(),
+                node_name: Some(endpoint.node.clone()),
+                target_ref: Some(ObjectReference {
+                    kind: Some("Pod".to_string()),
+                    namespace: Some(lab.namespace.clone()),
+                    name: Some(endpoint.pod.clone()),
+                    ..ObjectReference::default()
+                }),
+                ..Endpoint::default()
+            });
+    }
+    if groups.is_empty() {
+        groups.insert(Vec::new(), Vec::new());
+    }
+    let mut labels = service.metadata.labels.clone().unwrap_or_default();
+    labels.insert(SERVICE_NAME_LABEL.to_string(), lab.name.clone());
+    labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
+    if lab.is_headless() {
+        labels.insert(HEADLESS_LABEL.to_string(), String::new());
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(index, (target_ports, endpoints))| {
+            let ports = lab
+                .ports
+                .iter()
+                .zip(&target_ports)
+                .filter_map(|(port, target)| {
+                    Some(EndpointPort {
+                        name: Some(port.name.clone()),
+                        port: Some(i32::from((*target)?)),
+                        protocol: Some(port.protocol.to_string()),
+                        app_protocol: None,
+                    })
+                })
+                .collect();
+            let mut slice = EndpointSlice {
+                address_type: "IPv4".to_string(),
+                endpoints,
+                ports: Some(ports),
+                ..EndpointSlice::default()
+            };
+            // The controller's names are `<service>-<5 random characters>`; the lab's are
+            // stable so that rewriting the manifests changes nothing.
+            slice.metadata.name = Some(format!("{}-{}", lab.name, slice_suffix(&lab.name, index)));
+            slice.metadata.namespace = Some(lab.namespace.clone());
+            slice.metadata.labels = Some(labels.clone());
+            slice
+        })
+        .collect()
+}
+
+fn slice_suffix(service: &str, index: usize) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut hash = service
+        .bytes()
+        .chain(index.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    (0..5)
+        .map(|_| {
+            let c = ALPHABET[(hash % ALPHABET.len() as u64) as usize];
+            hash /= ALPHABET.len() as u64;
+            char::from(c)
+        })
+        .collect()
 }

@@ -10,15 +10,20 @@
 //! `manifests` writes what an API server would hold, `node` ties them into [`Lab`].
 
 mod cni;
+mod kube_proxy;
 mod manifests;
 mod names;
 mod netns;
 mod node;
 mod probe;
 mod server;
+mod services;
 mod spec;
 mod state;
 
 pub use node::{Lab, LabOptions, LabPod};
 pub use probe::{Probe, ProbeKind, ProbeOutcome};
+pub use services::{
+    LabService, LabServicePort, ServiceEndpoint, TargetPort, DNS_CLUSTER_IP, SERVICE_CIDR,
+};
 pub use spec::{LabSpec, PodPort, Protocol};

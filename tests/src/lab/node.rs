@@ -15,8 +15,9 @@ use super::names::LabNames;
 use super::netns::{add_netns, delete_netns, nsenter_command, set_sysctl};
 use super::probe::{classify, connect_tcp, run_probe, Probe, ProbeOutcome};
 use super::server::Servers;
+use super::services::{self, LabService};
 use super::spec::{pod_namespace, pod_ports, LabSpec, PodPort};
-use super::{manifests, state};
+use super::{kube_proxy, manifests, state};
 
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -52,6 +53,8 @@ pub struct LabPod {
     pub ipv6: Option<IpAddr>,
     pub netns: String,
     pub ports: Vec<PodPort>,
+    /// The Kubernetes name of the node the pod runs on.
+    pub node: String,
 }
 
 pub struct Lab {
@@ -62,6 +65,7 @@ pub struct Lab {
     network: CniNetwork,
     dual_stack: bool,
     pods: Vec<LabPod>,
+    services: Vec<LabService>,
     /// Pods handed to CNI ADD, recorded before the call so a half-done ADD is still undone.
     attachments: Vec<Attachment>,
     /// Namespaces this lab created (or tried to), node first.
@@ -90,6 +94,7 @@ impl Lab {
             spec: spec.clone(),
             probe_timeout: opts.probe_timeout,
             pods: Vec::new(),
+            services: Vec::new(),
             attachments: Vec::new(),
             netns: Vec::new(),
             servers: None,
@@ -160,7 +165,13 @@ impl Lab {
                 ipv6: ips.v6.map(IpAddr::from),
                 netns,
                 ports,
+                node: self.node_name.clone(),
             });
+        }
+
+        self.services = services::plan(&self.spec.services, &self.spec.pods, &self.pods)?;
+        if let Some(rules) = kube_proxy::render(&self.services) {
+            kube_proxy::install(&node, &rules).context("installing the Service rules")?;
         }
 
         let servers = self.servers.insert(Servers::default());
@@ -223,10 +234,30 @@ impl Lab {
             .ip
     }
 
-    /// Writes `<dir>/<lab id>-cluster.yaml` with the Namespaces and Pods as an API server
-    /// would hold them for this node.
+    /// Every Service of the spec, with its ClusterIP and endpoints, in spec order.
+    pub fn services(&self) -> impl Iterator<Item = &LabService> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&LabService> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+
+    /// The Service's ClusterIP; panics if the lab has no such Service or it is headless,
+    /// since that is a broken test.
+    pub fn service_ip(&self, namespace: &str, name: &str) -> IpAddr {
+        self.service(namespace, name)
+            .unwrap_or_else(|| panic!("lab {} has no service {namespace}/{name}", self.names.id))
+            .cluster_ip
+            .unwrap_or_else(|| panic!("service {namespace}/{name} is headless"))
+    }
+
+    /// Writes `<dir>/<lab id>-cluster.yaml` with the Namespaces, Pods, Services and
+    /// EndpointSlices as an API server would hold them.
     pub fn write_cluster_manifests(&self, dir: &Path) -> Result<PathBuf> {
-        let yaml = manifests::render(&self.spec, &self.pods, &self.node_name)?;
+        let yaml = manifests::render(&self.spec, &self.pods, &self.services)?;
         manifests::write(dir, &format!("{}-cluster.yaml", self.names.id), &yaml)
     }
 
@@ -236,6 +267,20 @@ impl Lab {
     /// bpf-based checks that must see the node's interfaces).
     pub fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         super::netns::in_netns(&self.node_netns(), f)
+    }
+
+    /// Runs `f` on a thread inside a pod's network namespace (to bind an extra socket there,
+    /// or read the pod's own view of the network).
+    pub fn in_pod<T: Send>(
+        &self,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce() -> T + Send,
+    ) -> Result<T> {
+        let Some(pod) = self.pod(namespace, name) else {
+            bail!("lab {} has no pod {namespace}/{name}", self.names.id);
+        };
+        super::netns::in_netns(&pod.netns, f)
     }
 
     pub fn node_command(&self, program: &str) -> Command {

@@ -6,18 +6,23 @@ use std::fmt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use serde::Deserialize;
+
+use super::services::{allocate_cluster_ips, service_namespace, service_ports};
 
 /// The namespace a pod without `metadata.namespace` lands in; it exists in every cluster, so a
 /// spec may use it without declaring it.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// What a lab is made of: the namespaces and pods of the manifests, in file order.
+/// What a lab is made of: the namespaces, pods and services of the manifests, in file order.
 #[derive(Debug, Clone, Default)]
 pub struct LabSpec {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
+    /// ClusterIP Services (headless too); the lab plays kube-proxy and the endpoints
+    /// controller for them.
+    pub services: Vec<Service>,
 }
 
 /// One container port of a pod, where the lab runs a server.
@@ -80,6 +85,10 @@ impl LabSpec {
                     serde_yaml::from_value(value)
                         .with_context(|| format!("yaml document {index}: Pod"))?,
                 ),
+                Some("Service") => spec.services.push(
+                    serde_yaml::from_value(value)
+                        .with_context(|| format!("yaml document {index}: Service"))?,
+                ),
                 _ => {}
             }
         }
@@ -113,6 +122,21 @@ impl LabSpec {
             }
             pod_ports(pod).with_context(|| format!("pod {namespace}/{name}"))?;
         }
+        let mut services = BTreeSet::new();
+        for service in &self.services {
+            let Some(name) = service.metadata.name.as_deref() else {
+                bail!("a Service has no metadata.name");
+            };
+            let namespace = service_namespace(service);
+            if namespace != DEFAULT_NAMESPACE && !namespaces.contains(namespace) {
+                bail!("service {namespace}/{name} is in namespace {namespace}, which the spec does not declare");
+            }
+            if !services.insert((namespace, name)) {
+                bail!("service {namespace}/{name} is declared twice");
+            }
+            service_ports(service).with_context(|| format!("service {namespace}/{name}"))?;
+        }
+        allocate_cluster_ips(&self.services)?;
         Ok(())
     }
 
@@ -124,12 +148,15 @@ impl LabSpec {
                 .iter()
                 .any(|n| n.metadata.name.as_deref() == Some(name))
         };
-        if !declared(DEFAULT_NAMESPACE)
-            && self
-                .pods
+        let uses_default = self
+            .pods
+            .iter()
+            .any(|p| pod_namespace(p) == DEFAULT_NAMESPACE)
+            || self
+                .services
                 .iter()
-                .any(|p| pod_namespace(p) == DEFAULT_NAMESPACE)
-        {
+                .any(|s| service_namespace(s) == DEFAULT_NAMESPACE);
+        if !declared(DEFAULT_NAMESPACE) && uses_default {
             let mut default = Namespace::default();
             default.metadata.name = Some(DEFAULT_NAMESPACE.to_string());
             namespaces.push(default);
@@ -145,6 +172,16 @@ pub fn pod_namespace(pod: &Pod) -> &str {
         .unwrap_or(DEFAULT_NAMESPACE)
 }
 
+/// A port's protocol as the API spells it, TCP when absent.
+pub fn parse_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(format!("unknown protocol {other}")),
+    }
+}
+
 /// Every distinct (port, protocol) over all containers; the same port declared twice would
 /// otherwise make the lab bind it twice.
 pub fn pod_ports(pod: &Pod) -> Result<Vec<PodPort>> {
@@ -157,12 +194,8 @@ pub fn pod_ports(pod: &Pod) -> Result<Vec<PodPort>> {
             .with_context(|| {
                 format!("containerPort {} is not a port number", port.container_port)
             })?;
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => Protocol::Sctp,
-            other => bail!("containerPort {number} has unknown protocol {other}"),
-        };
+        let protocol = parse_protocol(port.protocol.as_deref())
+            .map_err(|e| anyhow::anyhow!("containerPort {number}: {e}"))?;
         ports.insert(PodPort {
             port: number,
             protocol,
