@@ -31,6 +31,8 @@ pub enum Command {
     Reset(NodeArgs),
     /// Show what is programmed in the kernel, decoded.
     Dump(DumpArgs),
+    /// Remove expired conntrack and fragment entries now (`run` does it every resync).
+    Gc(NodeArgs),
     /// Evaluate pod-to-pod reachability from the compiled map contents, and say why.
     Simulate(SimulateArgs),
 }
@@ -75,6 +77,20 @@ pub struct ApplyArgs {
     /// Treat any invalid object as an error: program nothing and exit non-zero.
     #[arg(long)]
     pub strict: bool,
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+}
+
+/// How the datapath is sized and how a policy change treats established flows.
+#[derive(Debug, Clone, Args)]
+pub struct DatapathArgs {
+    /// Conntrack table size (LRU). Applies when the table is created; `reset` to resize.
+    #[arg(long, default_value_t = netpol_common::capacity::CONNTRACK)]
+    pub conntrack_entries: u32,
+    /// After programming, remove tracked flows the new policy denies, so they are cut at
+    /// their next packet. Without it a policy change applies to new connections only.
+    #[arg(long)]
+    pub flush_denied: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,9 +102,12 @@ pub struct RunArgs {
     /// How often to look for changed manifest files, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_ms: u64,
-    /// Full reconcile at least this often, in seconds (repairs drift, finds new interfaces).
+    /// Full reconcile at least this often, in seconds (repairs drift, finds new interfaces);
+    /// expired conntrack entries are collected as often.
     #[arg(long, default_value_t = 30)]
     pub resync_s: u64,
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

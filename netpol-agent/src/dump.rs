@@ -24,7 +24,18 @@ pub struct Dump {
     pub pin_dir: String,
     pub endpoints: Vec<EndpointDump>,
     pub ipcache: Vec<IpcacheDump>,
+    pub services: Vec<ServiceDump>,
     pub counters: Vec<CounterDump>,
+}
+
+/// A ClusterIP port the egress hook recognises before kube-proxy's DNAT.
+#[derive(Debug, Serialize)]
+pub struct ServiceDump {
+    pub address: String,
+    pub protocol: String,
+    pub port: u16,
+    pub identity: u32,
+    pub name: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +139,17 @@ pub fn collect(
             })
         })
         .collect();
+    let services = contents
+        .services
+        .iter()
+        .map(|(key, value)| ServiceDump {
+            address: desired::addr_from_bytes(key.addr).to_string(),
+            protocol: protocol_name(Some(key.proto)),
+            port: u16::from_be_bytes(key.port),
+            identity: value.identity,
+            name: peer_name(&names, value.identity),
+        })
+        .collect();
     let counters = maps::counters(pins)?
         .into_iter()
         .map(|((dir, reason), c)| CounterDump {
@@ -143,8 +165,16 @@ pub fn collect(
         pin_dir: pins.path().display().to_string(),
         endpoints,
         ipcache,
+        services,
         counters,
     })
+}
+
+fn protocol_name(proto: Option<u8>) -> String {
+    match proto {
+        None => "any".to_string(),
+        Some(n) => Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.name().to_string()),
+    }
 }
 
 fn addresses(info: &EndpointInfo) -> Vec<String> {
@@ -210,12 +240,7 @@ fn direction(
             } else {
                 peer_name(names, entry.peer)
             };
-            let protocol = match entry.proto {
-                None => "any".to_string(),
-                Some(n) => {
-                    Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.name().to_string())
-                }
-            };
+            let protocol = protocol_name(entry.proto);
             let ports = match entry.port {
                 None => "any".to_string(),
                 Some(p) if p.first() == p.last() => p.first().to_string(),
@@ -311,6 +336,20 @@ pub fn render_table(dump: &Dump) -> String {
             }
         }
     }
+    if !dump.services.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nSERVICES (egress to these is judged by their backends)"
+        );
+        for svc in &dump.services {
+            let _ = writeln!(
+                s,
+                "  {:<40} -> {}",
+                format!("{}:{}/{}", svc.address, svc.port, svc.protocol),
+                svc.name
+            );
+        }
+    }
     if !dump.counters.is_empty() {
         let _ = writeln!(s, "\nCOUNTERS");
         let _ = writeln!(
@@ -346,16 +385,7 @@ pub struct FlowDump {
     pub packets_reply: u64,
 }
 
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::dataplane::maps::monotonic_ns;
 
 pub fn collect_conntrack(
     pins: &PinDir,

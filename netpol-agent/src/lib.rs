@@ -4,6 +4,7 @@
 //! `reconcile` -> `dataplane` (the only module that touches the kernel through aya).
 
 pub mod cli;
+pub mod conntrack;
 pub mod dataplane;
 pub mod dump;
 pub mod names;

@@ -10,7 +10,7 @@ use tracing::{error, warn};
 
 use netpol_agent::{
     cli::{self, ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output, SimulateArgs},
-    dataplane, dump, policy, reconcile, simulate, source,
+    conntrack, dataplane, dump, policy, reconcile, simulate, source,
 };
 
 fn main() -> ExitCode {
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Reset(args) => reset(&args),
         Command::Dump(args) => dump(&args),
+        Command::Gc(args) => gc(&args),
         Command::Simulate(args) => simulate_cmd(&args),
     };
     match result {
@@ -78,13 +79,16 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
     let snapshot = load_snapshot(&args.manifests, args.strict)?;
     let node = args.node.node();
-    let mut dp = dataplane::Dataplane::load(&args.node.pins()).context("loading the dataplane")?;
+    let mut dp = load_dataplane(&args.node, &args.datapath)?;
     let report = reconcile::reconcile(
         &mut dp,
         &snapshot,
         &node,
         &args.node.state_dir(),
         &policy::Allocation::default(),
+        reconcile::Options {
+            flush_denied: args.datapath.flush_denied,
+        },
     )?;
     for w in &report.warnings {
         warn!("{w}");
@@ -98,6 +102,12 @@ fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
         report.upgraded,
         report.detached
     );
+    if args.datapath.flush_denied {
+        println!(
+            "flushed {} tracked flow(s) the policy denies",
+            report.flushed
+        );
+    }
     if !report.missing.is_empty() {
         let pods: Vec<String> = report.missing.iter().map(ToString::to_string).collect();
         bail!(
@@ -105,6 +115,42 @@ fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
             pods.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Loads the programs, sized as asked; warns when an adopted conntrack table has another size.
+pub(crate) fn load_dataplane(
+    node: &NodeArgs,
+    datapath: &cli::DatapathArgs,
+) -> anyhow::Result<dataplane::Dataplane> {
+    let pins = node.pins();
+    let opts = dataplane::LoadOptions {
+        conntrack_entries: Some(datapath.conntrack_entries),
+    };
+    let dp = dataplane::Dataplane::load_with(&pins, &opts).context("loading the dataplane")?;
+    let size = dataplane::maps::capacity(&pins, netpol_common::map_name::CONNTRACK)?;
+    if size != datapath.conntrack_entries {
+        warn!(
+            pinned = size,
+            asked = datapath.conntrack_entries,
+            "the pinned conntrack table keeps its size; `reset` to resize it"
+        );
+    }
+    Ok(dp)
+}
+
+fn gc(args: &NodeArgs) -> anyhow::Result<()> {
+    let pins = args.pins();
+    if !pins.exists() {
+        bail!("nothing programmed for node {}", args.node());
+    }
+    let report = conntrack::gc(&pins)?;
+    println!(
+        "gc on node {}: {} expired flow(s), {} expired fragment entr(ies) removed",
+        args.node(),
+        report.flows,
+        report.fragments
+    );
     Ok(())
 }
 

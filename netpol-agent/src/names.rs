@@ -17,7 +17,7 @@ pub struct Names {
     pub node: String,
     /// ifindex -> pod (`ns/name`).
     pub endpoints: BTreeMap<u32, String>,
-    /// identity -> `ns {labels}`.
+    /// identity -> `ns {labels}`, or `service ns/name:port/PROTO` for a Service port.
     pub identities: BTreeMap<u32, String>,
     /// class -> the policies it compiles.
     pub classes: BTreeMap<u32, Vec<String>>,
@@ -45,6 +45,10 @@ impl Names {
                         key.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     (*id, format!("{} {{{}}}", key.namespace, labels.join(",")))
                 })
+                .chain(compiled.service_ports.iter().map(|(id, port)| {
+                    let name = format!("service {}:{}/{}", port.service, port.port, port.protocol);
+                    (*id, name)
+                }))
                 .collect(),
             classes: compiled
                 .classes

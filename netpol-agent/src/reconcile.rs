@@ -11,6 +11,7 @@ use std::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    conntrack,
     dataplane::{
         attach::{self, AttachOutcome},
         host, maps, Dataplane, DataplaneError,
@@ -48,9 +49,18 @@ pub struct Report {
     pub upgraded: usize,
     pub detached: usize,
     pub warnings: Vec<String>,
+    /// Conntrack entries removed because the new policy denies them (`flush_denied`).
+    pub flushed: usize,
     pub duration: Duration,
     /// The ids this pass used: pass them to the next pass to keep them stable.
     pub allocation: Allocation,
+}
+
+/// How a pass treats what is already tracked.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// After programming, remove conntrack entries the new policy denies (see `conntrack`).
+    pub flush_denied: bool,
 }
 
 /// `prev`: the ids of the previous pass (default: none), so that unchanged content keeps its
@@ -61,6 +71,7 @@ pub fn reconcile(
     node: &str,
     state_dir: &Path,
     prev: &Allocation,
+    opts: Options,
 ) -> Result<Report, ReconcileError> {
     let started = Instant::now();
     let mut report = Report::default();
@@ -108,6 +119,9 @@ pub fn reconcile(
     }
     let keep: BTreeSet<u32> = interfaces.keys().copied().collect();
     report.detached = attach::detach_except(dp.pins(), &keep)?.len();
+    if opts.flush_denied {
+        report.flushed = conntrack::flush_denied(dp.pins(), &compiled, &ifindex_of)?;
+    }
 
     Names::new(node, &compiled, &ifindex_of)
         .write(state_dir)
@@ -127,6 +141,7 @@ pub fn reconcile(
         adopted = report.adopted,
         upgraded = report.upgraded,
         detached = report.detached,
+        flushed = report.flushed,
         ms = report.duration.as_millis() as u64,
         "reconciled"
     );

@@ -12,9 +12,9 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
-use netpol_agent::{cli::RunArgs, dataplane::Dataplane, reconcile, source};
+use netpol_agent::{cli::RunArgs, conntrack, reconcile, source};
 
-use crate::load_snapshot;
+use crate::{load_dataplane, load_snapshot};
 
 /// What the manifest files look like from outside: changes when any is added, removed,
 /// touched or resized.
@@ -42,7 +42,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
     let node = args.node.node();
     let state_dir = args.node.state_dir();
-    let mut dp = Dataplane::load(&args.node.pins()).context("loading the dataplane")?;
+    let mut dp = load_dataplane(&args.node, &args.datapath)?;
+    let opts = reconcile::Options {
+        flush_denied: args.datapath.flush_denied,
+    };
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let poll = Duration::from_millis(args.poll_ms.max(50));
     let resync = Duration::from_secs(args.resync_s.max(1));
@@ -53,7 +56,18 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
     let mut last_pass = Instant::now() - resync;
     loop {
         let now = fingerprint(&args.manifests);
-        if seen.as_ref() != Some(&now) || last_pass.elapsed() >= resync {
+        let resync_due = last_pass.elapsed() >= resync;
+        if resync_due {
+            match conntrack::gc(dp.pins()) {
+                Ok(report) => info!(
+                    flows = report.flows,
+                    fragments = report.fragments,
+                    "expired entries collected"
+                ),
+                Err(e) => error!("conntrack gc failed: {:#}", anyhow::Error::from(e)),
+            }
+        }
+        if seen.as_ref() != Some(&now) || resync_due {
             // Debounce: editors write files in several steps.
             tokio::time::sleep(Duration::from_millis(100)).await;
             let settled = fingerprint(&args.manifests);
@@ -62,7 +76,14 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
             }
             match load_snapshot(&args.manifests, false) {
                 Ok(snapshot) => {
-                    match reconcile::reconcile(&mut dp, &snapshot, &node, &state_dir, &allocation) {
+                    match reconcile::reconcile(
+                        &mut dp,
+                        &snapshot,
+                        &node,
+                        &state_dir,
+                        &allocation,
+                        opts,
+                    ) {
                         Ok(report) => allocation = report.allocation,
                         Err(e) => {
                             error!("reconcile failed, will retry: {:#}", anyhow::Error::from(e))

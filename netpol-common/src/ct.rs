@@ -54,6 +54,8 @@ pub mod lifetime {
     pub const TCP_ESTABLISHED: u64 = 6 * 60 * 60 * SEC;
     pub const TCP_CLOSING: u64 = 10 * SEC;
     pub const NON_TCP: u64 = 60 * SEC;
+    /// A fragmented datagram's later fragments, after its first (the kernel's ipfrag_time).
+    pub const FRAGMENT: u64 = 30 * SEC;
     /// Refresh an entry's expiry only when it would move by more than this (saves writes).
     pub const REFRESH_SLACK: u64 = SEC;
 }

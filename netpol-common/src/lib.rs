@@ -21,8 +21,12 @@ pub mod map_name {
     pub const POLICY: &str = "NP_POLICY";
     pub const CONNTRACK: &str = "NP_CT";
     pub const COUNTERS: &str = "NP_COUNTERS";
+    pub const SERVICES: &str = "NP_SERVICES";
+    pub const FRAGMENTS: &str = "NP_FRAGS";
     /// Every map the agent owns, in the order `dump` and `reset` walk them.
-    pub const ALL: [&str; 6] = [ENDPOINTS, IPCACHE, CIDR, POLICY, CONNTRACK, COUNTERS];
+    pub const ALL: [&str; 8] = [
+        ENDPOINTS, IPCACHE, CIDR, POLICY, SERVICES, CONNTRACK, FRAGMENTS, COUNTERS,
+    ];
 }
 
 /// Names of the two classifiers. From the pod's point of view: `pod_egress` runs on the TC
@@ -42,6 +46,9 @@ pub mod capacity {
     pub const CIDR: u32 = 65536;
     pub const POLICY: u32 = 262144;
     pub const CONNTRACK: u32 = 262144;
+    pub const SERVICES: u32 = 65536;
+    /// Datagrams in flight in fragments; an LRU, so a flood only evicts old ones.
+    pub const FRAGMENTS: u32 = 8192;
 }
 
 /// Identities name the peer of a packet. Pods get one per distinct (namespace, labels, named
@@ -55,6 +62,9 @@ pub mod identity {
     pub const WORLD: u32 = 2;
     /// The first identity handed to a label set.
     pub const FIRST_POD: u32 = 256;
+    /// Identities at and above this value (and below `FIRST_CIDR_SET`) are Service ports: a
+    /// pod's egress to a ClusterIP is judged by the Service's backends (see `ServiceKey`).
+    pub const FIRST_SERVICE: u32 = 0x4000_0000;
     /// Identities at and above this value are per-class CIDR sets (see [`super::CidrValue`]).
     pub const FIRST_CIDR_SET: u32 = 0x8000_0000;
 }
@@ -170,6 +180,48 @@ pub struct PolicyValue {
     pub _pad: u32,
 }
 
+/// `NP_SERVICES` key: a Service's ClusterIP, port and protocol as a pod's packet carries them
+/// before kube-proxy's DNAT (which runs after the pod veth's TC ingress hook).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Service port, network byte order.
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `NP_SERVICES` value: the identity of the Service port. Egress policy entries for it say
+/// which classes may reach every ready backend of that port on its target port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    pub identity: u32,
+    pub _pad: u32,
+}
+
+/// `NP_FRAGS` key: one fragmented datagram at one endpoint, as IP identifies it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub ifindex: u32,
+    /// The IPv4 identification (16 bits) or IPv6 fragment identification (32 bits).
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    pub saddr: Addr,
+    pub daddr: Addr,
+}
+
+/// `NP_FRAGS` value: set when the first fragment passed; later fragments pass until `expires`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    /// `bpf_ktime_get_ns()` after which the entry is dead.
+    pub expires: u64,
+}
+
 /// `NP_COUNTERS` slot: per-CPU packets and bytes for one (direction, reason).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -195,6 +247,10 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyKey>() == 12);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 8);
+    assert!(core::mem::size_of::<FragKey>() == 44);
+    assert!(core::mem::size_of::<FragValue>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -210,6 +266,10 @@ mod pod {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for ct::CtKey {}
     unsafe impl aya::Pod for ct::CtValue {}
 }

@@ -45,6 +45,10 @@ pub enum Reason {
     FromHost = 4,
     /// ARP and IPv6 neighbour discovery: the link must work whatever the policy.
     Control = 5,
+    /// An ICMP error (unreachable, time exceeded, too big) about a tracked flow.
+    Related = 6,
+    /// A non-first fragment of a datagram whose first fragment was passed.
+    FragmentOfFlow = 7,
 
     /// No policy entry allows this new flow.
     DeniedByPolicy = 16,
@@ -66,13 +70,15 @@ impl Reason {
     pub const FIRST_DROP: u32 = 16;
     /// Slots per direction in `NP_COUNTERS`.
     pub const SLOTS: u32 = 32;
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::AllowedByPolicy,
         Reason::NotIsolated,
         Reason::Established,
         Reason::Reply,
         Reason::FromHost,
         Reason::Control,
+        Reason::Related,
+        Reason::FragmentOfFlow,
         Reason::DeniedByPolicy,
         Reason::NoEndpoint,
         Reason::Malformed,
@@ -94,6 +100,8 @@ impl Reason {
             Reason::Reply => "reply",
             Reason::FromHost => "from-host",
             Reason::Control => "control",
+            Reason::Related => "related",
+            Reason::FragmentOfFlow => "fragment-of-flow",
             Reason::DeniedByPolicy => "denied-by-policy",
             Reason::NoEndpoint => "no-endpoint",
             Reason::Malformed => "malformed",

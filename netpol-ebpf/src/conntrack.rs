@@ -9,7 +9,7 @@ use netpol_common::{
 
 use crate::{
     maps::CONNTRACK,
-    parse::{Packet, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Inner, Packet, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 pub enum Hit {
@@ -59,6 +59,28 @@ pub fn lookup(key: &CtKey, dir: Direction, pkt: &Packet) -> Hit {
         }
     }
     Hit::Miss
+}
+
+/// Whether an ICMP error quoting `inner` is about a live flow of this endpoint. The quote is
+/// the packet as its sender sent it: the opening direction when the error travels against it,
+/// or a reply when the error travels with it.
+pub fn related(ifindex: u32, dir: Direction, inner: &Inner) -> bool {
+    let key = CtKey {
+        ifindex,
+        proto: inner.proto,
+        _pad: [0; 3],
+        saddr: inner.src,
+        daddr: inner.dst,
+        sport: inner.sport,
+        dport: inner.dport,
+    };
+    let now = now();
+    // SAFETY: plain-data values, read once.
+    let live = |key: &CtKey, opened: Direction| match unsafe { CONNTRACK.get(key) } {
+        Some(entry) => entry.dir == opened as u8 && entry.expires > now,
+        None => false,
+    };
+    live(&key, dir.opposite()) || live(&key.reversed(), dir)
 }
 
 /// Tracks a new flow that policy allowed.

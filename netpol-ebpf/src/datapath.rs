@@ -10,8 +10,9 @@ use netpol_common::{endpoint_flag, Direction, EndpointInfo, Reason};
 use crate::{
     conntrack::{self, Hit},
     counters::count,
+    fragments,
     maps::ENDPOINTS,
-    parse::{parse, Packet, Parsed},
+    parse::{parse, Fragment, Packet, Parsed},
     policy::decide,
 };
 
@@ -36,21 +37,42 @@ fn try_handle(ctx: &TcContext, dir: Direction) -> Result<Reason, Reason> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: values are plain data; the agent replaces entries whole.
     let ep = unsafe { ENDPOINTS.get(ifindex) }.ok_or(Reason::NoEndpoint)?;
-    let pkt = match parse(ctx)? {
-        Parsed::Control => return Ok(Reason::Control),
-        Parsed::Ip(pkt) => pkt,
-    };
+    let mut pkt = Packet::default();
+    if let Parsed::Control = parse(ctx, &mut pkt)? {
+        return Ok(Reason::Control);
+    }
     if dir == Direction::Egress && !source_is_pod(ep, &pkt) {
         return Err(Reason::Spoofed);
     }
-    let key = conntrack::key(ifindex, &pkt);
-    match conntrack::lookup(&key, dir, &pkt) {
+    if pkt.fragment == Fragment::Later {
+        // No ports: no conntrack entry to find or create. Passed with its first fragment, or
+        // where nothing isolates this direction.
+        if fragments::known(ifindex, &pkt) {
+            return Ok(Reason::FragmentOfFlow);
+        }
+        return decide(ep, dir, &pkt).map(|allowed| allowed.reason);
+    }
+    let reason = track(ifindex, ep, dir, &pkt)?;
+    if pkt.fragment == Fragment::First {
+        fragments::record(ifindex, &pkt);
+    }
+    Ok(reason)
+}
+
+/// Conntrack first (related ICMP errors, established flows, replies), then policy for a new
+/// flow, which is tracked once allowed.
+fn track(ifindex: u32, ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Reason, Reason> {
+    if pkt.has_related && conntrack::related(ifindex, dir, &pkt.related) {
+        return Ok(Reason::Related);
+    }
+    let key = conntrack::key(ifindex, pkt);
+    match conntrack::lookup(&key, dir, pkt) {
         Hit::Established => return Ok(Reason::Established),
         Hit::Reply => return Ok(Reason::Reply),
         Hit::Miss => {}
     }
-    let allowed = decide(ep, dir, &pkt)?;
-    conntrack::create(&key, dir, &pkt, allowed.rule_set)?;
+    let allowed = decide(ep, dir, pkt)?;
+    conntrack::create(&key, dir, pkt, allowed.rule_set)?;
     Ok(allowed.reason)
 }
 

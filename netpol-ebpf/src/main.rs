@@ -6,6 +6,7 @@
 mod conntrack;
 mod counters;
 mod datapath;
+mod fragments;
 mod maps;
 mod parse;
 mod policy;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use netpol_common::{
     capacity,
     ct::{CtKey, CtValue},
-    CidrKey, CidrValue, Counter, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue,
-    COUNTER_SLOTS,
+    CidrKey, CidrValue, Counter, EndpointInfo, FragKey, FragValue, IpcacheKey, IpcacheValue,
+    PolicyKey, PolicyValue, ServiceKey, ServiceValue, COUNTER_SLOTS,
 };
 
 /// ifindex of a pod's host-side interface -> the pod's classes and flags.
@@ -27,6 +27,14 @@ pub static CIDR: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(capacity::CIDR, 0
 /// (class, peer, protocol, port prefix) -> allowed.
 #[map(name = "NP_POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+
+/// (ClusterIP, port, protocol) -> the Service port's identity, for egress before DNAT.
+#[map(name = "NP_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// Fragmented datagrams whose first fragment was passed, per endpoint.
+#[map(name = "NP_FRAGS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
 
 /// Tracked flows per endpoint.
 #[map(name = "NP_CT")]

@@ -26,8 +26,9 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Where a packet stands in fragmentation.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fragment {
+    #[default]
     None,
     /// The first fragment: it carries the L4 header.
     First,
@@ -36,6 +37,7 @@ pub enum Fragment {
 }
 
 /// The fields the datapath decides on. Ports are in network byte order.
+#[derive(Default)]
 pub struct Packet {
     pub src: Addr,
     pub dst: Addr,
@@ -44,19 +46,41 @@ pub struct Packet {
     pub dport: [u8; 2],
     pub tcp_flags: u8,
     pub fragment: Fragment,
+    /// IP identification of a fragmented datagram (IPv4: 16 bits, IPv6: 32 bits).
+    pub frag_id: u32,
+    /// For an ICMP error whose quote could be read: the flow it is about. (A flag beside a
+    /// zeroed struct, not an `Option`: the verifier rejects the uninitialised bytes LLVM may
+    /// copy for a `None`.)
+    pub related: Inner,
+    pub has_related: bool,
+}
+
+/// The flow an ICMP error quotes: the start of the packet that caused it, as that packet was
+/// sent (so from the point of view of whoever receives the error, source and destination are
+/// its own flow's, in the flow's direction).
+#[derive(Default)]
+pub struct Inner {
+    pub src: Addr,
+    pub dst: Addr,
+    pub proto: u8,
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
 }
 
 pub enum Parsed {
-    Ip(Packet),
+    /// The packet's fields are in the `Packet` handed to `parse`.
+    Ip,
     /// ARP or IPv6 neighbour discovery: passes whatever the policy says.
     Control,
 }
 
-pub fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
+/// Fills `pkt` (zeroed by the caller) from the packet. Filling in place rather than returning
+/// a `Packet` keeps one copy on the 512-byte BPF stack.
+pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     match ethertype {
-        ETH_P_IP => parse_ipv4(ctx),
-        ETH_P_IPV6 => parse_ipv6(ctx),
+        ETH_P_IP => parse_ipv4(ctx, pkt),
+        ETH_P_IPV6 => parse_ipv6(ctx, pkt),
         ETH_P_ARP => Ok(Parsed::Control),
         _ => Err(Reason::UnsupportedL3),
     }
@@ -67,7 +91,7 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
     ctx.load::<T>(offset).map_err(|_| Reason::Malformed)
 }
 
-fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, Reason> {
+fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let ver_ihl: u8 = load(ctx, ETH_HLEN)?;
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 {
@@ -77,6 +101,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, Reason> {
     if total_len < ihl {
         return Err(Reason::Malformed);
     }
+    let frag_id = u32::from(u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?));
     let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
     let fragment = match (frag & 0x1fff != 0, frag & 0x2000 != 0) {
         (true, _) => Fragment::Later,
@@ -86,22 +111,18 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, Reason> {
     let proto: u8 = load(ctx, ETH_HLEN + 9)?;
     let src = ipv4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 12)?);
     let dst = ipv4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 16)?);
-    let mut pkt = Packet {
-        src,
-        dst,
-        proto,
-        sport: [0; 2],
-        dport: [0; 2],
-        tcp_flags: 0,
-        fragment,
-    };
+    pkt.src = src;
+    pkt.dst = dst;
+    pkt.proto = proto;
+    pkt.fragment = fragment;
+    pkt.frag_id = frag_id;
     if fragment != Fragment::Later {
-        parse_l4(ctx, ETH_HLEN + ihl, &mut pkt)?;
+        parse_l4(ctx, ETH_HLEN + ihl, pkt)?;
     }
-    Ok(Parsed::Ip(pkt))
+    Ok(Parsed::Ip)
 }
 
-fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Reason> {
+fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let version: u8 = load(ctx, ETH_HLEN)?;
     if version >> 4 != 6 {
         return Err(Reason::Malformed);
@@ -111,6 +132,7 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Reason> {
     let dst: Addr = load(ctx, ETH_HLEN + 24)?;
     let mut offset = ETH_HLEN + IPV6_HLEN;
     let mut fragment = Fragment::None;
+    let mut frag_id = 0;
     let mut done = false;
     for _ in 0..MAX_IPV6_EXT {
         match next {
@@ -123,8 +145,9 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Reason> {
             }
             // Fragment header: fixed 8 bytes.
             44 => {
-                let hdr: [u8; 4] = load(ctx, offset)?;
+                let hdr: [u8; 8] = load(ctx, offset)?;
                 next = hdr[0];
+                frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 let off_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
                 fragment = if off_flags & 0xfff8 != 0 {
                     Fragment::Later
@@ -154,15 +177,11 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Reason> {
     if !done {
         return Err(Reason::Malformed);
     }
-    let mut pkt = Packet {
-        src,
-        dst,
-        proto: next,
-        sport: [0; 2],
-        dport: [0; 2],
-        tcp_flags: 0,
-        fragment,
-    };
+    pkt.src = src;
+    pkt.dst = dst;
+    pkt.proto = next;
+    pkt.fragment = fragment;
+    pkt.frag_id = frag_id;
     if fragment != Fragment::Later {
         if next == IPPROTO_ICMPV6 {
             let icmp: [u8; 2] = load(ctx, offset)?;
@@ -172,9 +191,9 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Reason> {
                 return Ok(Parsed::Control);
             }
         }
-        parse_l4(ctx, offset, &mut pkt)?;
+        parse_l4(ctx, offset, pkt)?;
     }
-    Ok(Parsed::Ip(pkt))
+    Ok(Parsed::Ip)
 }
 
 fn parse_l4(ctx: &TcContext, offset: usize, pkt: &mut Packet) -> Result<(), Reason> {
@@ -210,9 +229,57 @@ fn parse_l4(ctx: &TcContext, offset: usize, pkt: &mut Packet) -> Result<(), Reas
                 pkt.sport = [hdr[4], hdr[5]];
                 pkt.dport = [hdr[4], hdr[5]];
             }
+            let error = matches!(
+                (pkt.proto, hdr[0]),
+                (IPPROTO_ICMP, 3 | 11 | 12) | (IPPROTO_ICMPV6, 1..=4)
+            );
+            if error {
+                // A quote that cannot be read is no error about a flow of ours: the packet is
+                // then judged as plain ICMP by policy.
+                pkt.has_related =
+                    quoted(ctx, offset + 8, pkt.proto == IPPROTO_ICMP, &mut pkt.related).is_some();
+            }
         }
         // Other protocols carry no ports: only "all ports" rules can allow them.
         _ => {}
     }
     Ok(())
+}
+
+/// The flow quoted by an ICMP error: the inner IP header and the first 8 bytes after it,
+/// written straight into `out` (few stack bytes: this runs two calls deep).
+/// IPv6 quotes with extension headers, and quoted non-first fragments, are not followed.
+fn quoted(ctx: &TcContext, offset: usize, v4: bool, out: &mut Inner) -> Option<()> {
+    let l4 = if v4 {
+        let hdr: [u8; 10] = ctx.load(offset).ok()?;
+        let ihl = usize::from(hdr[0] & 0x0f) * 4;
+        let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+        if hdr[0] >> 4 != 4 || ihl < 20 || frag & 0x1fff != 0 {
+            return None;
+        }
+        out.proto = hdr[9];
+        out.src = ipv4_mapped(ctx.load(offset + 12).ok()?);
+        out.dst = ipv4_mapped(ctx.load(offset + 16).ok()?);
+        offset + ihl
+    } else {
+        let hdr: [u8; 8] = ctx.load(offset).ok()?;
+        if hdr[0] >> 4 != 6 {
+            return None;
+        }
+        out.proto = hdr[6];
+        out.src = ctx.load(offset + 8).ok()?;
+        out.dst = ctx.load(offset + 24).ok()?;
+        offset + IPV6_HLEN
+    };
+    let l4: [u8; 8] = ctx.load(l4).ok()?;
+    let (sport, dport) = match out.proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => ([l4[0], l4[1]], [l4[2], l4[3]]),
+        // Only echo flows are tracked; the quote is the request or reply itself.
+        IPPROTO_ICMP if matches!(l4[0], 0 | 8) => ([l4[4], l4[5]], [l4[4], l4[5]]),
+        IPPROTO_ICMPV6 if matches!(l4[0], 128 | 129) => ([l4[4], l4[5]], [l4[4], l4[5]]),
+        _ => return None,
+    };
+    out.sport = sport;
+    out.dport = dport;
+    Some(())
 }

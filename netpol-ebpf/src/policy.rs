@@ -4,11 +4,11 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
     endpoint_flag, identity, policy_prefix, CidrKey, Direction, EndpointInfo, IpcacheKey,
-    PolicyKey, Reason,
+    PolicyKey, Reason, ServiceKey,
 };
 
 use crate::{
-    maps::{CIDR, IPCACHE, POLICY},
+    maps::{CIDR, IPCACHE, POLICY, SERVICES},
     parse::{Fragment, Packet},
 };
 
@@ -37,6 +37,28 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
             rule_set: 0,
         });
     }
+    let class_be = class.to_be_bytes();
+    if dir == Direction::Egress && pkt.fragment != Fragment::Later {
+        // To a ClusterIP, before kube-proxy's DNAT: judged by the Service port's own entries,
+        // which the agent derives from the egress rules and every ready backend on its target
+        // port. No other lookup: the port in this packet is the Service's, not the backend's.
+        let svc = ServiceKey {
+            addr: pkt.dst,
+            port: pkt.dport,
+            proto: pkt.proto,
+            _pad: 0,
+        };
+        // SAFETY: plain-data value, read once.
+        if let Some(svc) = unsafe { SERVICES.get(&svc) } {
+            return match lookup(class_be, svc.identity, pkt) {
+                Some(rule_set) => Ok(Allowed {
+                    reason: Reason::AllowedByPolicy,
+                    rule_set,
+                }),
+                None => Err(Reason::DeniedByPolicy),
+            };
+        }
+    }
     let peer = IPCACHE
         .get(Key::new(128, IpcacheKey { addr: peer_addr }))
         .map_or(identity::WORLD, |v| v.identity);
@@ -50,7 +72,7 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
     if pkt.fragment == Fragment::Later {
         return Err(Reason::Fragment);
     }
-    let class = class.to_be_bytes();
+    let class = class_be;
     let mut rule_set = lookup(class, peer, pkt);
     if rule_set.is_none() {
         rule_set = lookup(class, identity::ANY, pkt);

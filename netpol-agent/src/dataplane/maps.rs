@@ -10,7 +10,8 @@ use aya::maps::{
 use netpol_common::{
     counter_index,
     ct::{CtKey, CtValue},
-    map_name, Counter, Direction, EndpointInfo, Reason,
+    map_name, Counter, Direction, EndpointInfo, FragKey, FragValue, Reason, ServiceKey,
+    ServiceValue,
 };
 
 use super::{DataplaneError, PinDir};
@@ -56,7 +57,7 @@ fn read_lpm<K: aya::Pod + Ord, V: aya::Pod>(
         .map_err(map_err(pins, name))
 }
 
-/// What the four agent-written maps hold now.
+/// What the agent-written maps hold now.
 pub fn read(pins: &PinDir) -> Result<MapContents, DataplaneError> {
     let endpoints = hash::<u32, EndpointInfo>(pins, map_name::ENDPOINTS)?;
     Ok(MapContents {
@@ -67,7 +68,31 @@ pub fn read(pins: &PinDir) -> Result<MapContents, DataplaneError> {
         ipcache: read_lpm(pins, map_name::IPCACHE)?,
         cidr: read_lpm(pins, map_name::CIDR)?,
         policy: read_lpm(pins, map_name::POLICY)?,
+        services: hash::<ServiceKey, ServiceValue>(pins, map_name::SERVICES)?
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(pins, map_name::SERVICES))?,
     })
+}
+
+fn write_hash<K: aya::Pod + Ord, V: aya::Pod>(
+    pins: &PinDir,
+    name: &'static str,
+    upsert: &BTreeMap<K, V>,
+    remove: &BTreeMap<K, V>,
+) -> Result<(), DataplaneError> {
+    if upsert.is_empty() && remove.is_empty() {
+        return Ok(());
+    }
+    let mut map = hash::<K, V>(pins, name)?;
+    let err = map_err(pins, name);
+    for (key, value) in upsert {
+        map.insert(key, value, 0).map_err(&err)?;
+    }
+    for key in remove.keys() {
+        map.remove(key).map_err(&err)?;
+    }
+    Ok(())
 }
 
 fn write_lpm<K: aya::Pod + Ord, V: aya::Pod>(
@@ -93,22 +118,15 @@ fn write_lpm<K: aya::Pod + Ord, V: aya::Pod>(
 
 /// Applies a diff make-before-break: first every new entry the endpoints will point at, then
 /// the ipcache and endpoints, and only then the removals. A packet never meets an endpoint
-/// whose class entries are missing (which would deny what stays allowed).
+/// whose class entries are missing (which would deny what stays allowed). Service addresses
+/// follow the same order: added after their policy entries, removed before them.
 pub fn write(pins: &PinDir, diff: &MapDiff) -> Result<(), DataplaneError> {
     let (up, rm) = (&diff.upsert, &diff.remove);
     write_lpm(pins, map_name::POLICY, &up.policy, None)?;
     write_lpm(pins, map_name::CIDR, &up.cidr, None)?;
     write_lpm(pins, map_name::IPCACHE, &up.ipcache, None)?;
-    if !up.endpoints.is_empty() || !rm.endpoints.is_empty() {
-        let mut endpoints = hash::<u32, EndpointInfo>(pins, map_name::ENDPOINTS)?;
-        let err = map_err(pins, map_name::ENDPOINTS);
-        for (ifindex, info) in &up.endpoints {
-            endpoints.insert(ifindex, info, 0).map_err(&err)?;
-        }
-        for ifindex in rm.endpoints.keys() {
-            endpoints.remove(ifindex).map_err(&err)?;
-        }
-    }
+    write_hash(pins, map_name::SERVICES, &up.services, &rm.services)?;
+    write_hash(pins, map_name::ENDPOINTS, &up.endpoints, &rm.endpoints)?;
     write_lpm(pins, map_name::IPCACHE, &BTreeMap::new(), Some(&rm.ipcache))?;
     write_lpm(pins, map_name::CIDR, &BTreeMap::new(), Some(&rm.cidr))?;
     write_lpm(pins, map_name::POLICY, &BTreeMap::new(), Some(&rm.policy))?;
@@ -142,4 +160,70 @@ pub fn conntrack(pins: &PinDir) -> Result<Vec<(CtKey, CtValue)>, DataplaneError>
     map.iter()
         .collect::<Result<_, _>>()
         .map_err(map_err(pins, map_name::CONNTRACK))
+}
+
+/// Removes the conntrack entries `remove` picks and returns how many went. Keys are collected
+/// first: deleting while walking a hash map can restart or skip the walk.
+pub fn remove_conntrack(
+    pins: &PinDir,
+    remove: impl Fn(&CtKey, &CtValue) -> bool,
+) -> Result<usize, DataplaneError> {
+    let err = map_err(pins, map_name::CONNTRACK);
+    let mut map: HashMap<MapData, CtKey, CtValue> = hash(pins, map_name::CONNTRACK)?;
+    let doomed: Vec<CtKey> = map
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, v)| remove(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    let mut removed = 0;
+    for key in &doomed {
+        match map.remove(key) {
+            Ok(()) => removed += 1,
+            // Gone meanwhile (LRU eviction or the datapath): nothing left to do.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes fragment entries that expired before `now` (`monotonic_ns`).
+pub fn remove_expired_fragments(pins: &PinDir, now: u64) -> Result<usize, DataplaneError> {
+    let err = map_err(pins, map_name::FRAGMENTS);
+    let mut map: HashMap<MapData, FragKey, FragValue> = hash(pins, map_name::FRAGMENTS)?;
+    let doomed: Vec<FragKey> = map
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, v)| v.expires <= now)
+        .map(|(k, _)| k)
+        .collect();
+    let mut removed = 0;
+    for key in &doomed {
+        match map.remove(key) {
+            Ok(()) => removed += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(removed)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which conntrack and
+/// fragment expiries are written in.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `max_entries` of a pinned map, as the kernel holds it.
+pub fn capacity(pins: &PinDir, name: &'static str) -> Result<u32, DataplaneError> {
+    let err = map_err(pins, name);
+    let data = MapData::from_pin(pins.map(name)).map_err(&err)?;
+    Ok(data.info().map_err(err)?.max_entries())
 }

@@ -130,6 +130,14 @@ fn check_bpffs(path: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// Sizes chosen at load time. They apply when a map is created; a pinned map is adopted with
+/// the size it has (resizing would drop its entries; `reset` first to resize).
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// `NP_CT` entries (default `capacity::CONNTRACK`).
+    pub conntrack_entries: Option<u32>,
+}
+
 /// The loaded programs, with the node's maps created or adopted from their pins.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -140,6 +148,10 @@ impl Dataplane {
     /// Loads and verifies both programs. Existing pinned maps are reused as they are, so their
     /// contents (and conntrack) survive; missing ones are created and pinned.
     pub fn load(pins: &PinDir) -> Result<Self, DataplaneError> {
+        Self::load_with(pins, &LoadOptions::default())
+    }
+
+    pub fn load_with(pins: &PinDir, opts: &LoadOptions) -> Result<Self, DataplaneError> {
         let bpffs = pins.path().ancestors().nth(2).unwrap_or(Path::new(BPFFS));
         check_bpffs(bpffs)?;
         for dir in [pins.maps(), pins.links()] {
@@ -149,8 +161,12 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps())
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pins.maps());
+        if let Some(entries) = opts.conntrack_entries {
+            loader.map_max_entries(netpol_common::map_name::CONNTRACK, entries);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::Load {
                 pin_dir: pins.maps(),

@@ -24,7 +24,7 @@ use netpol_common::{identity, Direction};
 
 use super::{
     entries::{cidr_sets, class_entries, close, ClassEntries, ClassRule, ClassSpec, Cluster},
-    model::{Labels, ObjectRef, Pod, Policy, PortSpec, Protocol, Rule, Snapshot},
+    model::{Labels, ObjectRef, Pod, Policy, PortSpec, Protocol, Rule, ServicePort, Snapshot},
     ports::PortPrefix,
 };
 
@@ -168,7 +168,21 @@ pub struct Compiled {
     pub allocation: Allocation,
     /// Every peer pod's identity.
     pub pod_identity: BTreeMap<ObjectRef, u32>,
+    /// ClusterIP, protocol and port -> the Service port's identity (`NP_SERVICES`).
+    pub services: BTreeMap<ServiceAddr, u32>,
+    /// What each Service port identity stands for.
+    pub service_ports: BTreeMap<u32, ServicePort>,
+    /// The policy entries derived for Service ports (a subset of `policy`).
+    pub service_entries: BTreeSet<PolicyEntry>,
     pub scope: Scope,
+}
+
+/// A Service port as a pod addresses it: ClusterIP, protocol, Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddr {
+    pub ip: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 /// Everything a class's content depends on; classes with equal keys are shared.
@@ -198,9 +212,11 @@ pub struct Allocation {
     pub identities: BTreeMap<IdentityKey, u32>,
     pub classes: BTreeMap<ClassKey, u32>,
     pub rule_sets: BTreeMap<BTreeSet<RuleRef>, u32>,
+    pub services: BTreeMap<ServicePort, u32>,
     pub next_identity: u32,
     pub next_class: u32,
     pub next_rule_set: u32,
+    pub next_service: u32,
 }
 
 impl Allocation {
@@ -209,8 +225,20 @@ impl Allocation {
             next_identity: prev.next_identity.max(identity::FIRST_POD),
             next_class: prev.next_class.max(1),
             next_rule_set: prev.next_rule_set.max(1),
+            next_service: prev.next_service.max(identity::FIRST_SERVICE),
             ..Default::default()
         }
+    }
+
+    pub(super) fn service(&mut self, key: &ServicePort, prev: &BTreeMap<ServicePort, u32>) -> u32 {
+        if let Some(&id) = self.services.get(key).or_else(|| prev.get(key)) {
+            self.services.insert(key.clone(), id);
+            return id;
+        }
+        let id = self.next_service;
+        self.next_service += 1;
+        self.services.insert(key.clone(), id);
+        id
     }
 
     pub(super) fn identity(&mut self, key: &IdentityKey, prev: &BTreeMap<IdentityKey, u32>) -> u32 {
@@ -235,7 +263,7 @@ impl Allocation {
         id
     }
 
-    fn rule_set(
+    pub(super) fn rule_set(
         &mut self,
         rules: BTreeSet<RuleRef>,
         prev: &BTreeMap<BTreeSet<RuleRef>, u32>,
@@ -354,6 +382,12 @@ pub fn compile_with(
             },
         );
     }
+    out.derive_services(
+        snapshot,
+        &prev.services,
+        &prev.rule_sets,
+        &mut Touched::default(),
+    );
     out.refresh_rule_sets();
     out
 }

@@ -9,23 +9,24 @@ use std::{
 use ipnet::IpNet;
 use netpol_common::{
     endpoint_flag, ipv4_mapped, policy_prefix, Addr, CidrKey, CidrValue, EndpointInfo, IpcacheKey,
-    IpcacheValue, PolicyKey, PolicyValue, IPV4_MAPPED_PREFIX,
+    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, IPV4_MAPPED_PREFIX,
 };
 
 use super::{
-    compile::{CidrEntry, Compiled, Endpoint, PolicyEntry, Touched},
+    compile::{CidrEntry, Compiled, Endpoint, PolicyEntry, ServiceAddr, Touched},
     model::ObjectRef,
     ports::PortPrefix,
 };
 
-/// Contents of the four maps the agent writes (conntrack and counters belong to the datapath).
-/// LPM keys are `(prefix_len, data)`.
+/// Contents of the five maps the agent writes (conntrack, fragments and counters belong to
+/// the datapath). LPM keys are `(prefix_len, data)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     pub ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
     pub cidr: BTreeMap<(u32, CidrKey), CidrValue>,
     pub policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
 }
 
 /// Changes that turn one `MapContents` into another.
@@ -41,8 +42,9 @@ impl MapDiff {
     }
 
     pub fn changes(&self) -> usize {
-        let count =
-            |m: &MapContents| m.endpoints.len() + m.ipcache.len() + m.cidr.len() + m.policy.len();
+        let count = |m: &MapContents| {
+            m.endpoints.len() + m.ipcache.len() + m.cidr.len() + m.policy.len() + m.services.len()
+        };
         count(&self.upsert) + count(&self.remove)
     }
 }
@@ -126,6 +128,15 @@ pub fn policy_entry_from_key(prefix: u32, key: &PolicyKey) -> PolicyEntry {
     }
 }
 
+pub fn service_key(addr: &ServiceAddr) -> ServiceKey {
+    ServiceKey {
+        addr: addr_bytes(addr.ip),
+        port: addr.port.to_be_bytes(),
+        proto: addr.protocol.number(),
+        _pad: 0,
+    }
+}
+
 pub fn cidr_key(entry: &CidrEntry) -> (u32, CidrKey) {
     let key = CidrKey {
         class: entry.class.to_be_bytes(),
@@ -197,6 +208,10 @@ pub fn map_contents(compiled: &Compiled, ifindex_of: &BTreeMap<ObjectRef, u32>) 
     for (entry, &rule_set) in &compiled.policy {
         out.policy
             .insert(policy_key(entry), PolicyValue { rule_set, _pad: 0 });
+    }
+    for (addr, &identity) in &compiled.services {
+        out.services
+            .insert(service_key(addr), ServiceValue { identity, _pad: 0 });
     }
     out
 }
@@ -317,6 +332,12 @@ pub fn diff(desired: &MapContents, actual: &MapContents) -> MapDiff {
         &actual.policy,
         &mut d.upsert.policy,
         &mut d.remove.policy,
+    );
+    diff_map(
+        &desired.services,
+        &actual.services,
+        &mut d.upsert.services,
+        &mut d.remove.services,
     );
     d
 }

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use netpol_common::{identity, Direction};
 
 use super::{
-    compile::{CidrEntry, Compiled, PolicyEntry, RuleRef},
-    model::ObjectRef,
+    compile::{CidrEntry, Compiled, PolicyEntry, RuleRef, ServiceAddr},
+    model::{ObjectRef, Protocol},
     ports::PortPrefix,
 };
 
@@ -55,12 +55,43 @@ impl Compiled {
             verdict.allowed = true;
             return Some(verdict);
         }
-        let peer = self.identity_of(flow.peer);
-        if dir == Direction::Ingress && peer == identity::HOST {
+        if dir == Direction::Ingress && self.identity_of(flow.peer) == identity::HOST {
             verdict.allowed = true;
             return Some(verdict);
         }
         let class = isolation.class;
+        let service = (dir == Direction::Egress)
+            .then(|| self.service_at(flow))
+            .flatten();
+        let sets = match service {
+            // A ClusterIP: only the Service port's own entries (see `services`).
+            Some(id) => self.policy_lookup(class, id, flow).into_iter().collect(),
+            None => self.class_lookups(class, flow),
+        };
+        verdict.allowed = !sets.is_empty();
+        for set in sets {
+            verdict
+                .allowed_by
+                .extend(self.rule_sets[&set].iter().cloned());
+        }
+        Some(verdict)
+    }
+
+    /// The Service port identity of a ClusterIP destination, as `NP_SERVICES` answers it.
+    pub fn service_at(&self, flow: Flow) -> Option<u32> {
+        let protocol = Protocol::from_number(flow.proto)?;
+        let addr = ServiceAddr {
+            ip: flow.peer,
+            protocol,
+            port: flow.port,
+        };
+        self.services.get(&addr).copied()
+    }
+
+    /// The rule sets of a class that allow a flow with an address peer: by the peer's
+    /// identity, any peer, and the class's CIDR sets. Empty: denied.
+    pub(super) fn class_lookups(&self, class: u32, flow: Flow) -> Vec<u32> {
+        let peer = self.identity_of(flow.peer);
         let mut sets = Vec::new();
         sets.extend(self.policy_lookup(class, peer, flow));
         sets.extend(self.policy_lookup(class, identity::ANY, flow));
@@ -70,13 +101,7 @@ impl Compiled {
         if let Some(set) = cidr_set {
             sets.extend(self.policy_lookup(class, set, flow));
         }
-        verdict.allowed = !sets.is_empty();
-        for set in sets {
-            verdict
-                .allowed_by
-                .extend(self.rule_sets[&set].iter().cloned());
-        }
-        Some(verdict)
+        sets
     }
 
     /// `NP_POLICY` longest-prefix match: exact port prefixes from /16 down, then any port of

@@ -143,6 +143,9 @@ impl Compiled {
             self.endpoints.get_mut(pod_id).expect("endpoint").identity = new_id;
             touched.endpoints.insert(pod_id.clone());
         }
+        // A relabelled backend, or a pod in a new egress class, changes which Service ports
+        // classes may reach.
+        self.derive_services(snapshot, &BTreeMap::new(), &BTreeMap::new(), &mut touched);
         self.refresh_rule_sets();
         Some(touched)
     }

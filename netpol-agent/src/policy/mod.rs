@@ -13,6 +13,7 @@ pub mod model;
 pub mod ports;
 pub mod render;
 pub mod selector;
+mod services;
 
 #[cfg(test)]
 mod tests;

@@ -180,15 +180,54 @@ impl Policy {
     }
 }
 
+/// A port of a Service that has a ClusterIP: where a pod's packet is addressed before
+/// kube-proxy's DNAT sends it to one of the port's backends.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePort {
+    pub service: ObjectRef,
+    /// The port's name ("" when the Service has a single unnamed port), as EndpointSlices
+    /// name it.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub id: ObjectRef,
+    /// ClusterIPs (both families on a dual-stack Service). Headless Services have none and
+    /// need nothing here: their names resolve to pod addresses.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+/// A ready endpoint of a Service port: the backend address and its target port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
 /// Everything the compiler reads, from whichever source.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<Policy>,
+    pub services: Vec<Service>,
+    /// Ready backends per (Service, port name, protocol), from EndpointSlices.
+    pub backends: BTreeMap<(ObjectRef, String, Protocol), BTreeSet<Backend>>,
 }
 
 impl Snapshot {
+    /// The ready backends of a Service port (none when no EndpointSlice lists any).
+    pub fn backends_of(&self, port: &ServicePort) -> impl Iterator<Item = &Backend> {
+        self.backends
+            .get(&(port.service.clone(), port.name.clone(), port.protocol))
+            .into_iter()
+            .flatten()
+    }
+
     /// A namespace's labels; one absent from the snapshot still carries its name label.
     pub fn namespace_labels(&self, name: &str) -> Labels {
         match self.namespaces.get(name) {

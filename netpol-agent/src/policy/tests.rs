@@ -292,3 +292,122 @@ fn node_scope_enforces_only_local_pods() {
     // Every pod of the cluster is still known as a peer.
     assert_eq!(c.ipcache.len(), 4);
 }
+
+/// Services of the cluster above: `api-svc` (80 -> named port `http`, i.e. 8080 on a/api),
+/// `webs` selecting a/web on 80 plus an extra backend in namespace b's range, and `empty`
+/// with no ready backend.
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api-svc, namespace: a}
+spec: {clusterIP: 10.96.0.20, ports: [{name: web, port: 80, targetPort: http}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-svc-1, namespace: a, labels: {kubernetes.io/service-name: api-svc}}
+addressType: IPv4
+ports: [{name: web, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.0.1.2], conditions: {ready: true}}
+- {addresses: [10.0.1.9], conditions: {ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: webs, namespace: a}
+spec: {clusterIP: 10.96.0.21, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: webs-1, namespace: a, labels: {kubernetes.io/service-name: webs}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- {addresses: [10.0.1.1]}
+- {addresses: [10.0.2.2]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: a}
+spec: {clusterIP: 10.96.0.22, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: a}
+spec: {clusterIP: None, ports: [{port: 80}]}
+"#;
+
+#[test]
+fn egress_to_a_cluster_ip_is_judged_by_every_ready_backend() {
+    // b/client may reach a's api pods on 8080 and a/web on 80, nothing else.
+    let policy = r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p, namespace: b},
+        spec: {podSelector: {matchLabels: {app: client}}, policyTypes: [Egress], egress: [
+          {to: [{namespaceSelector: {matchLabels: {team: x}}, podSelector: {matchLabels: {app: api}}}], ports: [{port: 8080}]},
+          {to: [{namespaceSelector: {matchLabels: {team: x}}, podSelector: {matchLabels: {app: web}}}], ports: [{port: 80}]}]}}"#;
+    let c = compiled(&format!("{policy}\n---\n{SERVICES}"));
+    assert_eq!(
+        c.services.len(),
+        3,
+        "headless services get no ClusterIP entry"
+    );
+    let checks = [
+        // Service port 80 -> 8080 on the one ready api backend: allowed, though no rule
+        // names port 80.
+        ("10.96.0.20", 80, true),
+        ("10.96.0.20", 8080, false),
+        // Backends a/web (allowed) and b/web (not): fail closed for the whole port.
+        ("10.96.0.21", 80, false),
+        // No ready backend: nothing to allow.
+        ("10.96.0.22", 80, false),
+        // Direct pod addresses are judged as before.
+        ("10.0.1.2", 8080, true),
+        ("10.0.1.1", 80, true),
+    ];
+    for (peer, port, want) in checks {
+        assert_eq!(
+            allows(&c, "b/client", Egress, peer, TCP, port),
+            want,
+            "b/client -> {peer}:{port}"
+        );
+    }
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("a/webs") && w.contains("1 of 2")),
+        "a partly allowed service port is reported: {:?}",
+        c.warnings
+    );
+    // Not isolated for egress: every ClusterIP is reachable.
+    assert!(allows(&c, "a/web", Egress, "10.96.0.21", TCP, 80));
+}
+
+#[test]
+fn service_entries_follow_a_backend_relabel() {
+    let policy = r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p, namespace: b},
+        spec: {podSelector: {matchLabels: {app: client}}, policyTypes: [Egress], egress: [
+          {to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: api}}}], ports: [{port: 8080}]}]}}"#;
+    let text = format!("{policy}\n---\n{SERVICES}");
+    let mut snap = snapshot(&text);
+    let mut c = compile(&snap, &Scope::Cluster, &[]);
+    assert!(allows(&c, "b/client", Egress, "10.96.0.20", TCP, 80));
+    let api = snap.pods.iter_mut().find(|p| p.id == pod("a/api")).unwrap();
+    api.labels.insert("app".into(), "retired".into());
+    let touched = c.relabel_pod(&snap, &pod("a/api")).expect("a relabel");
+    assert!(
+        !allows(&c, "b/client", Egress, "10.96.0.20", TCP, 80),
+        "the backend no longer matches: the service port closes"
+    );
+    assert!(
+        touched
+            .policy
+            .iter()
+            .any(|e| e.peer >= netpol_common::identity::FIRST_SERVICE),
+        "the removed service entry is among the touched keys"
+    );
+    let full = compile(&snap, &Scope::Cluster, &[]);
+    assert_eq!(c.services, full.services);
+    assert_eq!(
+        c.service_entries.len(),
+        full.service_entries.len(),
+        "incremental and full agree"
+    );
+}

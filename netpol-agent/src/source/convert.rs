@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use k8s_openapi::{
     api::{
         core::v1 as core,
+        discovery::v1::EndpointSlice,
         networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1 as meta, util::intstr::IntOrString},
@@ -16,8 +17,8 @@ use k8s_openapi::{
 use super::SourceError;
 use crate::policy::{
     model::{
-        ContainerPort, Labels, Namespace, ObjectRef, Peer, Pod, Policy, PortSpec, Protocol, Rule,
-        NAMESPACE_NAME_LABEL,
+        Backend, ContainerPort, Labels, Namespace, ObjectRef, Peer, Pod, Policy, PortSpec,
+        Protocol, Rule, Service, ServicePort, NAMESPACE_NAME_LABEL,
     },
     selector::{LabelSelector, Operator, Requirement},
 };
@@ -130,6 +131,145 @@ pub fn pod(pod: &core::Pod) -> Result<(Option<Pod>, Vec<SourceError>), SourceErr
         id,
     };
     Ok((Some(model), errors))
+}
+
+/// A Service with its ClusterIPs, or `None` when it has none (headless, ExternalName): then
+/// pods reach its backends by their own addresses. Invalid ports are dropped and reported;
+/// traffic to them is then judged as traffic to an unknown address.
+pub fn service(svc: &core::Service) -> Result<(Option<Service>, Vec<SourceError>), SourceError> {
+    let id = object_ref(&svc.metadata, "Service")?;
+    let mut check = Check {
+        kind: "Service",
+        object: &id,
+        errors: Vec::new(),
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    let listed = spec.cluster_ips.unwrap_or_default();
+    for (i, ip) in spec.cluster_ip.iter().chain(&listed).enumerate() {
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(ip) if !cluster_ips.contains(&ip) => cluster_ips.push(ip),
+            Ok(_) => {}
+            Err(_) => check.fail(
+                format!("spec.clusterIPs[{i}]"),
+                format!("invalid address {ip:?}"),
+            ),
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let Some(protocol) = protocol_field(port.protocol.as_deref(), &field, &mut check) else {
+            continue;
+        };
+        let Some(number) = u16::try_from(port.port).ok().filter(|&p| p != 0) else {
+            check.fail(format!("{field}.port"), "out of range");
+            continue;
+        };
+        ports.push(ServicePort {
+            service: id.clone(),
+            name: port.name.clone().unwrap_or_default(),
+            port: number,
+            protocol,
+        });
+    }
+    let errors = check.errors;
+    if cluster_ips.is_empty() {
+        return Ok((None, errors));
+    }
+    Ok((
+        Some(Service {
+            id,
+            cluster_ips,
+            ports,
+        }),
+        errors,
+    ))
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The ready backends an EndpointSlice lists, per (Service, port name, protocol). Endpoints
+/// whose `ready` condition is unknown count as ready, as kube-proxy counts them.
+pub type SliceBackends = Vec<((ObjectRef, String, Protocol), Backend)>;
+
+pub fn endpoint_slice(
+    slice: &EndpointSlice,
+) -> Result<(SliceBackends, Vec<SourceError>), SourceError> {
+    let id = object_ref(&slice.metadata, "EndpointSlice")?;
+    let mut check = Check {
+        kind: "EndpointSlice",
+        object: &id,
+        errors: Vec::new(),
+    };
+    let labels = slice.metadata.labels.clone().unwrap_or_default();
+    let Some(service) = labels.get(SERVICE_NAME_LABEL) else {
+        // Not managed for a Service: nothing kube-proxy would route to.
+        return Ok((Vec::new(), check.errors));
+    };
+    let service = ObjectRef::new(id.namespace.clone(), service.clone());
+    if slice.address_type == "FQDN" {
+        return Ok((Vec::new(), check.errors));
+    }
+    let mut ports = Vec::new();
+    for (i, port) in slice.ports.iter().flatten().enumerate() {
+        let field = format!("ports[{i}]");
+        let Some(protocol) = protocol_field(port.protocol.as_deref(), &field, &mut check) else {
+            continue;
+        };
+        let Some(number) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+        else {
+            check.fail(format!("{field}.port"), "missing or out of range");
+            continue;
+        };
+        ports.push((port.name.clone().unwrap_or_default(), protocol, number));
+    }
+    let mut out = Vec::new();
+    for (i, endpoint) in slice.endpoints.iter().enumerate() {
+        let ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
+        if ready == Some(false) {
+            continue;
+        }
+        for (j, address) in endpoint.addresses.iter().enumerate() {
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                check.fail(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("invalid address {address:?}"),
+                );
+                continue;
+            };
+            for (name, protocol, port) in &ports {
+                out.push((
+                    (service.clone(), name.clone(), *protocol),
+                    Backend { ip, port: *port },
+                ));
+            }
+        }
+    }
+    Ok((out, check.errors))
+}
+
+fn protocol_field(value: Option<&str>, field: &str, check: &mut Check<'_>) -> Option<Protocol> {
+    match value {
+        None => Some(Protocol::Tcp),
+        Some(p) => {
+            let parsed = Protocol::parse(p);
+            if parsed.is_none() {
+                check.fail(
+                    format!("{field}.protocol"),
+                    format!("unknown protocol {p:?}"),
+                );
+            }
+            parsed
+        }
+    }
 }
 
 pub fn network_policy(np: &NetworkPolicy) -> Result<(Policy, Vec<SourceError>), SourceError> {

@@ -1,13 +1,16 @@
 //! Manifest files and directories -> `Snapshot`. Multi-document YAML (or JSON), `kind: List`
 //! wrappers, and directories (their `.yaml`, `.yml` and `.json` files, recursively, in name
-//! order). Kinds other than Namespace, Pod and NetworkPolicy are ignored.
+//! order). Kinds other than Namespace, Pod, NetworkPolicy, Service and EndpointSlice are
+//! ignored.
 
 use std::{
     fs,
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1 as core, networking::v1::NetworkPolicy};
+use k8s_openapi::api::{
+    core::v1 as core, discovery::v1::EndpointSlice, networking::v1::NetworkPolicy,
+};
 use serde::Deserialize;
 
 use super::{convert, SourceError};
@@ -108,7 +111,8 @@ fn add_object(
         source,
     };
     match kind.as_str() {
-        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" => {
+        "List" | "NamespaceList" | "PodList" | "NetworkPolicyList" | "ServiceList"
+        | "EndpointSliceList" => {
             let items = value
                 .get("items")
                 .and_then(|i| i.as_sequence())
@@ -152,6 +156,28 @@ fn add_object(
                     snapshot.policies.push(unreadable_policy(id));
                 }
             }
+        },
+        "Service" => match serde_yaml::from_value::<core::Service>(value.clone()) {
+            Ok(svc) => match convert::service(&svc) {
+                Ok((model, problems)) => {
+                    errors.extend(problems);
+                    snapshot.services.extend(model);
+                }
+                Err(e) => errors.push(e),
+            },
+            Err(e) => errors.push(schema_error(e, &value)),
+        },
+        "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value.clone()) {
+            Ok(slice) => match convert::endpoint_slice(&slice) {
+                Ok((backends, problems)) => {
+                    errors.extend(problems);
+                    for (port, backend) in backends {
+                        snapshot.backends.entry(port).or_default().insert(backend);
+                    }
+                }
+                Err(e) => errors.push(e),
+            },
+            Err(e) => errors.push(schema_error(e, &value)),
         },
         _ => {}
     }
