@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use netpol_tests::lab::{Lab, LabOptions, LabSpec, Probe, ProbeKind, ProbeOutcome, Protocol};
+use netpol_tests::lab::{
+    Lab, LabOptions, LabSpec, NameProbe, Probe, ProbeKind, ProbeOutcome, Protocol,
+};
 
 const TWO_NAMESPACES_THREE_PODS: &str = r#"
 apiVersion: v1
@@ -849,4 +851,186 @@ fn root_lab_manifests_hold_services_with_cluster_ips_and_endpoint_slices() {
     );
     assert!(empty[0]["endpoints"].as_sequence().unwrap().is_empty());
     std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
+}
+
+fn three_tier_services() -> LabSpec {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab/three-tier-services.yaml");
+    LabSpec::load(&path).unwrap_or_else(|e| panic!("{} should parse: {e:#}", path.display()))
+}
+
+fn with_dns() -> LabOptions {
+    LabOptions {
+        dns: true,
+        ..LabOptions::default()
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| !stat.contains(") Z "))
+            .unwrap_or(false)
+}
+
+#[test]
+fn root_lab_dns_resolves_services_and_statefulset_names_and_vips_reach_backends() {
+    require_root();
+    let lab = Lab::start(&three_tier_services(), with_dns())
+        .unwrap_or_else(|e| panic!("the lab should start: {e:#}"));
+    let dns_pod = lab
+        .pod("kube-system", "coredns")
+        .expect("DNS adds kube-system/coredns");
+    assert_eq!(
+        lab.service_ip("kube-system", "kube-dns").to_string(),
+        "10.96.0.10"
+    );
+    let from = ("app1-ns", "backend");
+    let resolve = |name: &str| {
+        lab.resolve(from, name)
+            .unwrap_or_else(|e| panic!("resolving {name}: {e:#}"))
+    };
+    let frontend_vip = lab.service_ip("app1-ns", "frontend-svc");
+    let db = lab.pod_ip("app1-ns", "db-sts-0");
+    for (name, expected) in [
+        ("frontend-svc", Some(frontend_vip)),
+        ("frontend-svc.app1-ns", Some(frontend_vip)),
+        (
+            "backend-svc.app1-ns.svc.cluster.local",
+            Some(lab.service_ip("app1-ns", "backend-svc")),
+        ),
+        ("db-svc", Some(db)),
+        ("db-sts-0.db-svc.app1-ns.svc.cluster.local", Some(db)),
+        (
+            "kube-dns.kube-system",
+            Some(lab.service_ip("kube-system", "kube-dns")),
+        ),
+        ("no-such-svc", None),
+        ("example.com", None),
+    ] {
+        assert_eq!(resolve(name), expected, "{name} from app1-ns/backend");
+    }
+
+    // The demo's forms, by name, through the DNAT.
+    let probes: Vec<NameProbe> = [
+        ("frontend", "telnet backend-svc 5678"),
+        ("frontend", "curl backend-svc:5678"),
+        ("backend", "curl frontend-svc"),
+        (
+            "backend",
+            "telnet db-sts-0.db-svc.app1-ns.svc.cluster.local 3306",
+        ),
+        ("frontend", "nc -u kube-dns.kube-system 53"),
+    ]
+    .iter()
+    .map(|(pod, command)| {
+        NameProbe::parse(("app1-ns", pod), command).unwrap_or_else(|e| panic!("{command}: {e:#}"))
+    })
+    .collect();
+    let outcomes = lab.probe_names(&probes);
+    for (probe, outcome) in probes.iter().zip(&outcomes) {
+        assert_eq!(*outcome, ProbeOutcome::Connected, "{probe}");
+    }
+    assert_eq!(
+        lab.probe_name(&NameProbe::parse(from, "curl no-such-svc").unwrap()),
+        ProbeOutcome::Unresolved
+    );
+    assert_eq!(
+        lab.http_get(from, frontend_vip, 80)
+            .unwrap_or_else(|e| panic!("GET through frontend-svc: {e:#}")),
+        "app1-ns/frontend\n",
+        "the Service's only backend answers"
+    );
+
+    let backend = lab.pod("app1-ns", "backend").unwrap();
+    let resolv = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", backend.netns))
+        .expect("the pod has a resolv.conf");
+    assert_eq!(
+        resolv,
+        "nameserver 10.96.0.10\nsearch app1-ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+    );
+
+    let dir = scratch_dir("dns");
+    let path = lab.write_cluster_manifests(&dir).expect("write manifests");
+    let stored = LabSpec::load(&path).expect("the manifests parse back");
+    let coredns = stored
+        .pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("coredns"))
+        .expect("the manifests hold the DNS pod");
+    assert_eq!(
+        coredns.metadata.labels.as_ref().unwrap()["k8s-app"],
+        "kube-dns",
+        "policies select DNS by this label"
+    );
+    std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
+
+    let pid = lab.dns_pid().expect("dnsmasq runs");
+    let etc: Vec<_> = lab
+        .pods()
+        .map(|p| PathBuf::from(format!("/etc/netns/{}", p.netns)))
+        .collect();
+    let dns_netns = dns_pod.netns.clone();
+    drop(lab);
+    assert!(!process_exists(pid), "dnsmasq {pid} survived the lab");
+    for dir in etc {
+        assert!(!dir.exists(), "{} survived the lab", dir.display());
+    }
+    assert!(!is_listed(&netns_list(), &dns_netns));
+}
+
+/// Not a test of its own: the child half of the DNS crash test below.
+#[test]
+#[ignore = "helper process for root_lab_cleanup_stale_stops_a_crashed_labs_dnsmasq"]
+fn root_lab_helper_abandon_dns_lab() {
+    let out = std::env::var(ABANDON_ENV).unwrap_or_else(|_| {
+        panic!("this helper only runs as the child of the crash test ({ABANDON_ENV} unset)")
+    });
+    let lab = Lab::start(&three_tier_services(), with_dns())
+        .unwrap_or_else(|e| panic!("the lab should start: {e:#}"));
+    let pid = lab.dns_pid().expect("dnsmasq runs");
+    let mut record = vec![pid.to_string(), lab.state_dir().display().to_string()];
+    record.extend(lab.pods().map(|p| format!("/etc/netns/{}", p.netns)));
+    std::fs::write(&out, record.join("\n")).expect("write the abandoned lab's record");
+    std::process::abort();
+}
+
+#[test]
+fn root_lab_cleanup_stale_stops_a_crashed_labs_dnsmasq() {
+    require_root();
+    let out = scratch_dir("dns-crash").join("abandoned");
+    let status = Command::new(std::env::current_exe().expect("the test binary's path"))
+        .args([
+            "--exact",
+            "root_lab_helper_abandon_dns_lab",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(ABANDON_ENV, &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run the helper process");
+    assert!(!status.success(), "the helper must die without cleaning up");
+    let record = std::fs::read_to_string(&out).expect("the helper records what it left behind");
+    let mut lines = record.lines();
+    let pid: u32 = lines.next().unwrap().parse().unwrap();
+    let state_dir = PathBuf::from(lines.next().unwrap());
+    let etc: Vec<PathBuf> = lines.map(PathBuf::from).collect();
+    assert_eq!(etc.len(), 4, "three app pods and coredns: {etc:?}");
+
+    Lab::cleanup_stale().unwrap_or_else(|e| panic!("cleanup_stale: {e:#}"));
+
+    assert!(
+        !process_exists(pid),
+        "the dead lab's dnsmasq {pid} survived the sweep"
+    );
+    for dir in &etc {
+        assert!(!dir.exists(), "{} survived the sweep", dir.display());
+    }
+    assert!(
+        !state_dir.exists(),
+        "{} survived the sweep",
+        state_dir.display()
+    );
+    std::fs::remove_dir_all(out.parent().unwrap()).expect("remove the scratch directory");
 }

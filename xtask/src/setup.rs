@@ -20,6 +20,10 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "curl",
     "containernetworking-plugins",
+    // The lab's kube-proxy (its Service rules live in the node namespaces).
+    "iptables",
+    // The lab's cluster DNS server; -base is the binary without the system service.
+    "dnsmasq-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -10,8 +10,12 @@
 //! `manifests` writes what an API server would hold, `node` ties them into [`Lab`].
 
 mod cni;
+mod dns;
+mod dnsmasq;
+mod etc_netns;
 mod kube_proxy;
 mod manifests;
+mod name_probe;
 mod names;
 mod netns;
 mod node;
@@ -21,6 +25,8 @@ mod services;
 mod spec;
 mod state;
 
+pub use dns::{CLUSTER_DOMAIN, DNS_NAMESPACE, DNS_POD, DNS_SERVICE};
+pub use name_probe::NameProbe;
 pub use node::{Lab, LabOptions, LabPod};
 pub use probe::{Probe, ProbeKind, ProbeOutcome};
 pub use services::{

@@ -11,9 +11,13 @@ use anyhow::{bail, ensure, Context, Result};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::cni::{Attachment, CniNetwork};
+use super::dns;
+use super::dnsmasq::Dnsmasq;
+use super::etc_netns;
+use super::name_probe::{self, run_name_probe, NameProbe};
 use super::names::LabNames;
 use super::netns::{add_netns, delete_netns, nsenter_command, set_sysctl};
-use super::probe::{classify, connect_tcp, run_probe, Probe, ProbeOutcome};
+use super::probe::{classify, connect_tcp, http_get, run_probe, Probe, ProbeOutcome};
 use super::server::Servers;
 use super::services::{self, LabService};
 use super::spec::{pod_namespace, pod_ports, LabSpec, PodPort};
@@ -29,6 +33,12 @@ pub struct LabOptions {
     pub pod_cidr_v6: Option<Ipv6Net>,
     /// How long every probe waits before calling a flow dropped.
     pub probe_timeout: Duration,
+    /// Cluster DNS: adds kube-system/coredns (`k8s-app: kube-dns`, serving with dnsmasq) and
+    /// the kube-dns Service at 10.96.0.10, and gives every pod kubelet's resolv.conf, so
+    /// probes by name ([`NameProbe`]) work.
+    pub dns: bool,
+    /// How long a probe by name waits for the name to resolve before calling it unresolved.
+    pub resolve_timeout: Duration,
 }
 
 impl Default for LabOptions {
@@ -38,6 +48,8 @@ impl Default for LabOptions {
             pod_cidr: "10.244.1.0/24".parse().expect("a valid literal CIDR"),
             pod_cidr_v6: None,
             probe_timeout: Duration::from_secs(1),
+            dns: false,
+            resolve_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -62,6 +74,7 @@ pub struct Lab {
     node_name: String,
     spec: LabSpec,
     probe_timeout: Duration,
+    resolve_timeout: Duration,
     network: CniNetwork,
     dual_stack: bool,
     pods: Vec<LabPod>,
@@ -71,6 +84,10 @@ pub struct Lab {
     /// Namespaces this lab created (or tried to), node first.
     netns: Vec<String>,
     servers: Option<Servers>,
+    dns: bool,
+    dnsmasq: Option<Dnsmasq>,
+    /// Pod namespaces whose /etc/netns directory this lab wrote (or tried to).
+    etc_netns: Vec<String>,
 }
 
 impl Lab {
@@ -84,6 +101,10 @@ impl Lab {
         if let Err(e) = Lab::cleanup_stale() {
             eprintln!("netpol lab: cleaning up stale labs failed, going on: {e:#}");
         }
+        let mut spec = spec.clone();
+        if opts.dns {
+            dns::add_kube_dns(&mut spec)?;
+        }
         let names = LabNames::allocate();
         state::create_lab_dir(&names.dir())?;
         let mut lab = Lab {
@@ -91,13 +112,17 @@ impl Lab {
             network: CniNetwork::new(opts.pod_cidr, opts.pod_cidr_v6, &names.ipam_dir()),
             dual_stack: opts.pod_cidr_v6.is_some(),
             names,
-            spec: spec.clone(),
+            spec,
             probe_timeout: opts.probe_timeout,
+            resolve_timeout: opts.resolve_timeout,
             pods: Vec::new(),
             services: Vec::new(),
             attachments: Vec::new(),
             netns: Vec::new(),
             servers: None,
+            dns: opts.dns,
+            dnsmasq: None,
+            etc_netns: Vec::new(),
         };
         state::record_node(&lab.names.dir(), &lab.node_name)?;
         lab.build()
@@ -174,12 +199,53 @@ impl Lab {
             kube_proxy::install(&node, &rules).context("installing the Service rules")?;
         }
 
+        if self.dns {
+            self.start_dns()?;
+        }
+
         let servers = self.servers.insert(Servers::default());
         for pod in &self.pods {
+            if dns::is_dns_pod(&pod.namespace, &pod.name) {
+                continue; // dnsmasq serves its port 53
+            }
             let identity = format!("{}/{}", pod.namespace, pod.name);
             servers
                 .serve_pod(&pod.netns, &identity, &pod.ports, pod.ipv6.is_some())
                 .with_context(|| format!("serving {identity}"))?;
+        }
+        Ok(())
+    }
+
+    /// dnsmasq in the CoreDNS pod, then kubelet's resolv.conf and hosts for every pod.
+    fn start_dns(&mut self) -> Result<()> {
+        let dir = self.names.dir().join("dns");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, dns::cluster_hosts(&self.services))
+            .with_context(|| format!("writing {}", hosts.display()))?;
+        let server = self
+            .pods
+            .iter()
+            .find(|p| dns::is_dns_pod(&p.namespace, &p.name))
+            .context("the DNS pod was not started")?;
+        let addresses: Vec<IpAddr> = std::iter::once(server.ip).chain(server.ipv6).collect();
+        self.dnsmasq = Some(Dnsmasq::start(
+            &self.names.dir(),
+            &server.netns,
+            &addresses,
+            &hosts,
+            &dir.join("dnsmasq.log"),
+        )?);
+        for (pod, spec) in self.pods.iter().zip(&self.spec.pods) {
+            state::record_etc_netns(&self.names.dir(), &pod.netns)?;
+            self.etc_netns.push(pod.netns.clone());
+            etc_netns::write(
+                &pod.netns,
+                &[
+                    ("resolv.conf", dns::resolv_conf(&pod.namespace)),
+                    ("hosts", dns::pod_hosts(pod, spec)),
+                ],
+            )?;
         }
         Ok(())
     }
@@ -298,6 +364,75 @@ impl Lab {
         }
     }
 
+    /// A probe by name: resolved inside the source pod (its resolv.conf points at the lab's
+    /// DNS, so the lab needs `LabOptions::dns`), then made to the address found.
+    pub fn probe_name(&self, probe: &NameProbe) -> ProbeOutcome {
+        let (namespace, name) = &probe.from;
+        let Some(source) = self.pod(namespace, name) else {
+            return ProbeOutcome::Error(format!(
+                "lab {} has no source pod {namespace}/{name}",
+                self.names.id
+            ));
+        };
+        if !self.dns {
+            return ProbeOutcome::Error(format!(
+                "lab {} has no DNS (LabOptions::dns), so {probe} cannot resolve",
+                self.names.id
+            ));
+        }
+        run_name_probe(
+            &source.netns,
+            probe,
+            self.resolve_timeout,
+            self.probe_timeout,
+        )
+    }
+
+    /// [`Lab::probe_name`] for every probe, in parallel; outcomes in the order of `probes`.
+    pub fn probe_names(&self, probes: &[NameProbe]) -> Vec<ProbeOutcome> {
+        thread::scope(|scope| {
+            let running: Vec<_> = probes
+                .iter()
+                .map(|p| scope.spawn(move || self.probe_name(p)))
+                .collect();
+            running
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    }
+
+    /// Resolves `name` the way the pod `from` would; `None` when it does not resolve.
+    pub fn resolve(&self, from: (&str, &str), name: &str) -> Result<Option<IpAddr>> {
+        let (namespace, pod) = from;
+        let Some(source) = self.pod(namespace, pod) else {
+            bail!("lab {} has no source pod {namespace}/{pod}", self.names.id);
+        };
+        name_probe::resolve(&source.netns, name, self.resolve_timeout)
+    }
+
+    /// An HTTP GET of `/` from the pod `from`, returning the body: the lab's servers answer
+    /// with the `<namespace>/<pod>` that served it, which tells which backend a Service chose.
+    pub fn http_get(&self, from: (&str, &str), ip: IpAddr, port: u16) -> Result<String> {
+        let (namespace, name) = from;
+        let Some(source) = self.pod(namespace, name) else {
+            bail!("lab {} has no source pod {namespace}/{name}", self.names.id);
+        };
+        let target = SocketAddr::new(ip, port);
+        let (status, body) = http_get(&source.netns, target, &ip.to_string(), self.probe_timeout)?
+            .with_context(|| format!("GET http://{target}/ from {namespace}/{name}"))?;
+        ensure!(status == 200, "GET http://{target}/ answered {status}");
+        Ok(body)
+    }
+
+    /// The pid of the lab's dnsmasq, when it runs DNS.
+    pub fn dns_pid(&self) -> Option<u32> {
+        self.dnsmasq.as_ref().map(Dnsmasq::pid)
+    }
+
     /// Runs all probes at once, one thread each, so a matrix of dropped flows costs about one
     /// timeout rather than one per probe. Outcomes are in the order of `probes`.
     pub fn probe_all(&self, probes: &[Probe]) -> Vec<ProbeOutcome> {
@@ -343,8 +478,16 @@ impl Lab {
     }
 
     fn teardown(&mut self) -> Result<()> {
-        // Servers first: their sockets hold no namespace open, but their threads must end.
+        // dnsmasq first: a process in a pod namespace would keep it alive.
+        drop(self.dnsmasq.take());
+        // Servers next: their sockets hold no namespace open, but their threads must end.
         drop(self.servers.take());
+        let mut etc_failures = Vec::new();
+        for name in self.etc_netns.drain(..) {
+            if let Err(e) = etc_netns::remove(&name) {
+                etc_failures.push(format!("{e:#}"));
+            }
+        }
         // A failed DEL is reported but blocks nothing: deleting the namespaces removes the
         // veths anyway, and the IPAM state goes with the lab directory.
         let mut del_failures = Vec::new();
@@ -364,7 +507,7 @@ impl Lab {
         if netns_failures.is_empty() {
             state::remove_lab(&self.names.dir())?;
         }
-        let failures = [del_failures, netns_failures].concat();
+        let failures = [etc_failures, del_failures, netns_failures].concat();
         ensure!(failures.is_empty(), "{}", failures.join("; "));
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! packets were dropped), or something else went wrong.
 
 use std::fmt;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub enum ProbeOutcome {
     Refused,
     /// Nothing came back within the probe timeout: the packet (or its reply) was dropped.
     TimedOut,
+    /// A probe by name (`NameProbe`) found no address: the name does not exist, or no DNS
+    /// answer came back in time (e.g. a policy drops the pod's DNS traffic).
+    Unresolved,
     /// Anything else, e.g. no route to the address (ICMP host or net unreachable) or a curl
     /// failure; the message says which.
     Error(String),
@@ -53,6 +56,7 @@ impl fmt::Display for ProbeOutcome {
             ProbeOutcome::Connected => f.write_str("connected"),
             ProbeOutcome::Refused => f.write_str("refused"),
             ProbeOutcome::TimedOut => f.write_str("timed out"),
+            ProbeOutcome::Unresolved => f.write_str("unresolved"),
             ProbeOutcome::Error(message) => write!(f, "error: {message}"),
         }
     }
@@ -139,7 +143,19 @@ pub fn classify(result: io::Result<()>) -> ProbeOutcome {
     }
 }
 
-fn exchange_datagram(target: SocketAddr, timeout: Duration) -> io::Result<()> {
+/// The probe's datagram is a well-formed DNS query (A record of a name under cluster.local), so
+/// the cluster DNS server answers it like the lab's own UDP servers do; any reply counts.
+const UDP_PROBE: &[u8] = &[
+    0x6e, 0x70, // id
+    0x01, 0x00, // flags: a standard query, recursion desired
+    0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // one question
+    5, b'p', b'r', b'o', b'b', b'e', 10, b'n', b'e', b't', b'p', b'o', b'l', b'-', b'l', b'a',
+    b'b', 7, b'c', b'l', b'u', b's', b't', b'e', b'r', 5, b'l', b'o', b'c', b'a', b'l', 0, 0x00,
+    0x01, // type A
+    0x00, 0x01, // class IN
+];
+
+pub fn exchange_datagram(target: SocketAddr, timeout: Duration) -> io::Result<()> {
     let any: IpAddr = match target {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
@@ -148,9 +164,57 @@ fn exchange_datagram(target: SocketAddr, timeout: Duration) -> io::Result<()> {
     // Connected, so an ICMP port unreachable is reported to us as ECONNREFUSED.
     socket.connect(target)?;
     socket.set_read_timeout(Some(timeout))?;
-    socket.send(b"netpol-lab probe\n")?;
+    socket.send(UDP_PROBE)?;
     let mut reply = [0u8; 512];
     socket.recv(&mut reply).map(drop)
+}
+
+/// An HTTP/1.1 GET of `/` from inside `netns`, the request curl would send; returns the
+/// status code and the body (the lab's servers answer with the pod's `<ns>/<name>`).
+pub fn http_get(
+    netns: &str,
+    target: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> anyhow::Result<io::Result<(u16, String)>> {
+    let mut stream = match connect_tcp(netns, target, timeout) {
+        Ok(stream) => stream,
+        Err(e) => {
+            return match e.downcast::<io::Error>() {
+                Ok(io) => Ok(Err(io)),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    Ok(exchange_http(&mut stream, host, timeout))
+}
+
+fn exchange_http(
+    stream: &mut TcpStream,
+    host: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: netpol-lab\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                ErrorKind::InvalidData,
+                format!("not an HTTP response: {head:?}"),
+            )
+        })?;
+    Ok((status, body.to_string()))
 }
 
 /// curl's exit code tells the outcome apart: 7 is "could not connect", refused or no route,

@@ -1,6 +1,7 @@
-//! The on-disk record of a lab in `/run/netpol-lab/<id>/`: who owns it and which network
-//! namespaces it created. The record is what makes cleanup after a crash safe: a sweep deletes
-//! exactly the namespaces a dead owner wrote down, never anything found by a name pattern.
+//! The on-disk record of a lab in `/run/netpol-lab/<id>/`: who owns it and what it created —
+//! network namespaces, processes (dnsmasq), `/etc/netns/<name>` directories. The record is what
+//! makes cleanup after a crash safe: a sweep undoes exactly what a dead owner wrote down, never
+//! anything found by a name pattern.
 
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -10,19 +11,25 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 
 use super::names::STATE_ROOT;
-use super::netns;
+use super::{etc_netns, netns};
 
 const OWNER_FILE: &str = "owner";
 const NETNS_FILE: &str = "netns";
-/// The lab's node name: an agent run on the node pins under `/sys/fs/bpf/netpol/<node>`.
+/// `<pid> <start time>` per line: processes the lab started inside its namespaces.
+const PROCESSES_FILE: &str = "processes";
+/// Network namespace names whose `/etc/netns/<name>/` the lab wrote.
+const ETC_NETNS_FILE: &str = "etc-netns";
+/// How long a swept process gets to exit after SIGTERM before SIGKILL.
+const PROCESS_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// The lab's node names, one per line: an agent run on a node pins under
+/// `/sys/fs/bpf/netpol/<node>`.
 const NODE_FILE: &str = "node";
 /// Where netpol-agent pins per node (its layout; the lab removes a dead lab's pins).
 const AGENT_PIN_ROOT: &str = "/sys/fs/bpf/netpol";
 
-/// Records the node name, so a sweep can remove what an agent pinned for this lab's node.
+/// Records a node name, so a sweep can remove what an agent pinned for this lab's node.
 pub fn record_node(dir: &Path, node: &str) -> Result<()> {
-    fs::write(dir.join(NODE_FILE), node)
-        .with_context(|| format!("recording node of {}", dir.display()))
+    append_line(dir, NODE_FILE, node)
 }
 
 /// A directory younger than this without a readable owner may be a lab that is starting right
@@ -38,8 +45,12 @@ struct Owner {
 
 impl Owner {
     fn current() -> Result<Owner> {
-        let pid = std::process::id();
-        let start_time = process_start_time(pid).context("reading this process's start time")?;
+        Owner::of(std::process::id())
+    }
+
+    fn of(pid: u32) -> Result<Owner> {
+        let start_time = process_start_time(pid)
+            .with_context(|| format!("reading process {pid}'s start time"))?;
         Ok(Owner { pid, start_time })
     }
 
@@ -53,6 +64,19 @@ impl Owner {
     fn is_alive(&self) -> bool {
         process_start_time(self.pid) == Some(self.start_time)
     }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_comm = &stat[stat.rfind(')')? + 1..];
+            after_comm
+                .split_whitespace()
+                .next()
+                .map(|state| state == "Z")
+        })
+        .unwrap_or(false)
 }
 
 /// Field 22 of /proc/<pid>/stat, in clock ticks since boot. The command name (field 2) may
@@ -78,41 +102,108 @@ pub fn create_lab_dir(dir: &Path) -> Result<()> {
 /// Writes a namespace name down before it is created, so a crash in between still leaves a
 /// record a sweep can act on.
 pub fn record_netns(dir: &Path, name: &str) -> Result<()> {
-    let path = dir.join(NETNS_FILE);
+    append_line(dir, NETNS_FILE, name)
+}
+
+/// Writes down a process the lab just started (its pid and start time, so a sweep never
+/// signals an unrelated process that reused the pid). There is no pid before the spawn, so
+/// this comes right after it; the window is a few microseconds.
+pub fn record_process(dir: &Path, pid: u32) -> Result<()> {
+    let process = Owner::of(pid)?;
+    append_line(
+        dir,
+        PROCESSES_FILE,
+        &format!("{} {}", process.pid, process.start_time),
+    )
+}
+
+/// Writes down, before creating it, that `/etc/netns/<name>/` belongs to this lab.
+pub fn record_etc_netns(dir: &Path, name: &str) -> Result<()> {
+    append_line(dir, ETC_NETNS_FILE, name)
+}
+
+fn append_line(dir: &Path, file: &str, line: &str) -> Result<()> {
+    let path = dir.join(file);
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(file, "{name}").with_context(|| format!("appending to {}", path.display()))
+    writeln!(file, "{line}").with_context(|| format!("appending to {}", path.display()))
 }
 
+/// The non-empty lines of a record file; a missing file is an empty record.
+fn read_lines(dir: &Path, file: &str) -> Result<Vec<String>> {
+    match fs::read_to_string(dir.join(file)) {
+        Ok(text) => Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {file} of {}", dir.display())),
+    }
+}
+
+/// Stops a recorded process if it still is the one recorded: SIGTERM, then SIGKILL if it has
+/// not exited in time. A process that is gone (or a pid now used by another) is left alone.
+pub fn stop_process(pid: u32, start_time: u64) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    let process = Owner { pid, start_time };
+    let target = nix::unistd::Pid::from_raw(
+        i32::try_from(pid).with_context(|| format!("pid {pid} is out of range"))?,
+    );
+    if !process.is_alive() {
+        return Ok(());
+    }
+    kill(target, Signal::SIGTERM).with_context(|| format!("signalling process {pid}"))?;
+    let deadline = std::time::Instant::now() + PROCESS_EXIT_WAIT;
+    // A zombie has exited; whoever is its parent now reaps it.
+    while process.is_alive() && !is_zombie(pid) {
+        if std::time::Instant::now() > deadline {
+            kill(target, Signal::SIGKILL).with_context(|| format!("killing process {pid}"))?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
 /// Deletes the recorded namespaces and the directory; missing pieces are not errors, so two
 /// processes sweeping the same dead lab do not trip over each other.
 pub fn remove_lab(dir: &Path) -> Result<()> {
-    let recorded = match fs::read_to_string(dir.join(NETNS_FILE)) {
-        Ok(text) => text,
-        Err(e) if e.kind() == ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            return Err(e).with_context(|| format!("reading namespaces of {}", dir.display()))
-        }
-    };
+    let recorded = read_lines(dir, NETNS_FILE)?;
     let mut failures = Vec::new();
-    // Pins of an agent that ran on the node (a demo stopped by Ctrl-C, a killed test): its
-    // links died with the node's interfaces; unpinning frees the maps.
-    if let Ok(node) = fs::read_to_string(dir.join(NODE_FILE)) {
-        let node = node.trim();
-        if !node.is_empty() && !node.contains('/') {
-            let pins = Path::new(AGENT_PIN_ROOT).join(node);
-            match fs::remove_dir_all(&pins) {
-                Err(e) if e.kind() != ErrorKind::NotFound => {
-                    failures.push(format!("removing {}: {e}", pins.display()))
-                }
-                _ => {}
-            }
+    // Processes first: a process inside a namespace keeps it alive after `ip netns del`.
+    for line in read_lines(dir, PROCESSES_FILE)? {
+        let Some(process) = Owner::parse(&line) else {
+            failures.push(format!("unreadable process record {line:?}"));
+            continue;
+        };
+        if let Err(e) = stop_process(process.pid, process.start_time) {
+            failures.push(format!("{e:#}"));
         }
     }
-    for name in recorded.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    for name in read_lines(dir, ETC_NETNS_FILE)? {
+        if let Err(e) = etc_netns::remove(&name) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    // Pins of an agent that ran on a node (a demo stopped by Ctrl-C, a killed test): its
+    // links died with the node's interfaces; unpinning frees the maps.
+    for node in read_lines(dir, NODE_FILE)? {
+        if node.contains('/') || node == "." || node == ".." {
+            continue;
+        }
+        let pins = Path::new(AGENT_PIN_ROOT).join(&node);
+        match fs::remove_dir_all(&pins) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                failures.push(format!("removing {}: {e}", pins.display()))
+            }
+            _ => {}
+        }
+    }
+    for name in &recorded {
         if let Err(e) = netns::delete_netns(name) {
             failures.push(format!("{e:#}"));
         }
