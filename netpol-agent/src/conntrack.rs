@@ -28,7 +28,11 @@ pub struct GcReport {
 /// Removes expired conntrack and fragment entries. The datapath already ignores them; this
 /// frees their slots before the LRU would have to evict live ones.
 pub fn gc(pins: &PinDir) -> Result<GcReport, DataplaneError> {
-    let now = maps::monotonic_ns();
+    gc_at(pins, maps::monotonic_ns())
+}
+
+/// `gc` as if the monotonic clock read `now` (nanoseconds).
+pub fn gc_at(pins: &PinDir, now: u64) -> Result<GcReport, DataplaneError> {
     Ok(GcReport {
         flows: maps::remove_conntrack(pins, |_, v| v.expires <= now)?,
         fragments: maps::remove_expired_fragments(pins, now)?,

@@ -56,6 +56,8 @@ pub fn icmp_echo(kind: u8, id: u16) -> Vec<u8> {
 pub struct V4 {
     /// Raw option bytes (a multiple of 4) after the 20-byte header; IHL follows.
     pub options: Vec<u8>,
+    /// The identification field (fragments of one datagram share it).
+    pub id: u16,
     /// The flags/fragment-offset field.
     pub frag: u16,
     /// Overrides the IHL nibble (for malformed headers).
@@ -70,6 +72,7 @@ pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8], v4: &V4) -> Vec<u8
     h[0] = 0x40 | v4.ihl.unwrap_or((hlen / 4) as u8);
     let total = v4.total_len.unwrap_or((hlen + l4.len()) as u16);
     h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[4..6].copy_from_slice(&v4.id.to_be_bytes());
     h[6..8].copy_from_slice(&v4.frag.to_be_bytes());
     h[8] = 64;
     h[9] = proto;
@@ -113,4 +116,21 @@ pub fn arp() -> Vec<u8> {
 
 pub fn ethertype(ethertype: u16) -> Vec<u8> {
     ethernet(ethertype, &[0u8; 46])
+}
+
+/// An ICMP (or ICMPv6) error of `kind`/`code` quoting `quoted`, an IP packet without its
+/// Ethernet header (as `ipv4`/`ipv6` build it, minus the first 14 bytes).
+pub fn icmp_error(kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut h = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    h.extend(&quoted[14..]);
+    h
+}
+
+/// An IPv6 fragment header body for `ipv6`'s extension list: offset in 8-byte units, the
+/// more-fragments flag, the identification.
+pub fn ipv6_fragment(offset: u16, more: bool, id: u32) -> (u8, Vec<u8>) {
+    let off_flags = (offset << 3) | u16::from(more);
+    let mut body = off_flags.to_be_bytes().to_vec();
+    body.extend(id.to_be_bytes());
+    (44, body)
 }
