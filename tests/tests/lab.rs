@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use netpol_tests::lab::{
-    Lab, LabOptions, LabSpec, NameProbe, Probe, ProbeKind, ProbeOutcome, Protocol,
+    ClusterOptions, Lab, LabOptions, LabSpec, NameProbe, Probe, ProbeKind, ProbeOutcome, Protocol,
 };
 
 const TWO_NAMESPACES_THREE_PODS: &str = r#"
@@ -1033,4 +1033,223 @@ fn root_lab_cleanup_stale_stops_a_crashed_labs_dnsmasq() {
         state_dir.display()
     );
     std::fs::remove_dir_all(out.parent().unwrap()).expect("remove the scratch directory");
+}
+
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a1, namespace: x, labels: {app: front}}
+spec:
+  nodeName: node-a
+  containers:
+  - {name: c, ports: [{containerPort: 8080, name: http}, {containerPort: 5353, protocol: UDP}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b1, namespace: x, labels: {app: back}}
+spec:
+  nodeName: node-b
+  containers:
+  - {name: c, ports: [{containerPort: 8080, name: http}, {containerPort: 5353, protocol: UDP}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b2, namespace: x, labels: {app: back}}
+spec:
+  nodeName: node-b
+  containers:
+  - {name: c, ports: [{containerPort: 8080, name: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: back, namespace: x}
+spec:
+  selector: {app: back}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: x}
+spec:
+  selector: {app: front}
+  ports: [{port: 80, targetPort: http}]
+"#;
+
+#[test]
+fn root_lab_two_nodes_route_pods_services_and_node_addresses_across() {
+    require_root();
+    let spec = LabSpec::from_yaml_str(TWO_NODES).expect("the test spec should parse");
+    let lab = Lab::start_cluster(&spec, ClusterOptions::two_nodes().dual_stack().with_dns())
+        .unwrap_or_else(|e| panic!("the cluster should start: {e:#}"));
+    let nodes: Vec<_> = lab.nodes().collect();
+    assert_eq!(nodes.len(), 2);
+    let (a, b) = (nodes[0], nodes[1]);
+    assert_eq!(
+        a.name(),
+        format!("{}-node-a", lab.id()),
+        "unique Kubernetes node names"
+    );
+    assert_eq!(
+        lab.node("node-b").map(|n| n.netns().to_string()),
+        Some(b.netns().to_string())
+    );
+    assert_eq!(
+        a.address().map(|ip| ip.to_string()).as_deref(),
+        Some("172.18.0.2")
+    );
+    assert_eq!(
+        b.address().map(|ip| ip.to_string()).as_deref(),
+        Some("172.18.0.3")
+    );
+    let on = |node: &netpol_tests::lab::LabNode| -> Vec<String> {
+        node.pods()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect()
+    };
+    assert_eq!(
+        on(&a),
+        ["x/a1", "kube-system/coredns"],
+        "no nodeName: the first node"
+    );
+    assert_eq!(on(&b), ["x/b1", "x/b2"]);
+    let b1 = lab.pod("x", "b1").unwrap().clone();
+    assert!(b.pod_cidr().contains(&match b1.ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => unreachable!(),
+    }));
+
+    // Pod to pod across the nodes, both families.
+    let from_a = ("x", "a1");
+    assert_outcomes(
+        &lab,
+        &[
+            Probe::tcp(from_a, b1.ip, 8080),
+            Probe::http(from_a, b1.ip, 8080),
+            Probe::udp(from_a, b1.ip, 5353),
+            Probe::tcp(from_a, b1.ipv6.unwrap(), 8080),
+            Probe::udp(from_a, b1.ipv6.unwrap(), 5353),
+            Probe::tcp(("x", "b2"), lab.pod_ip("x", "a1"), 8080),
+            // Services: backends on the other node, DNATed on the client's node.
+            Probe::http(from_a, lab.service_ip("x", "back"), 80),
+            Probe::http(("x", "b2"), lab.service_ip("x", "front"), 80),
+        ],
+        ProbeOutcome::Connected,
+    );
+    let answer = identity_via_http(&lab, from_a, lab.service_ip("x", "back"), 80);
+    assert!(
+        answer == "x/b1\n" || answer == "x/b2\n",
+        "a backend on node b answers: {answer:?}"
+    );
+    // DNS lives on node a; node b's pods resolve through the kube-dns ClusterIP.
+    assert_eq!(
+        lab.resolve(("x", "b1"), "front")
+            .unwrap_or_else(|e| panic!("resolve: {e:#}")),
+        Some(lab.service_ip("x", "front"))
+    );
+    assert_eq!(
+        lab.probe_name(&NameProbe::parse(("x", "b2"), "curl front").unwrap()),
+        ProbeOutcome::Connected
+    );
+
+    // Node a's own address reaches a pod on node b, and keeps its address on the way.
+    assert_eq!(
+        a.tcp_connect_from_node(b1.ip, 8080, Duration::from_secs(1)),
+        ProbeOutcome::Connected
+    );
+    let listener = lab
+        .in_pod("x", "b1", || std::net::TcpListener::bind("0.0.0.0:7001"))
+        .expect("enter b1")
+        .expect("bind 7001 in b1");
+    let _stream = a
+        .in_node(|| {
+            std::net::TcpStream::connect_timeout(&(b1.ip, 7001).into(), Duration::from_secs(1))
+        })
+        .expect("enter node a")
+        .expect("node a connects to b1");
+    let (_, peer) = listener.accept().expect("b1 accepts");
+    assert_eq!(
+        peer.ip(),
+        a.address().unwrap(),
+        "b1 sees node a's InternalIP"
+    );
+
+    // Each node routes the other's pod CIDR via its InternalIP, as kindnet does.
+    let routes = a
+        .node_command("ip")
+        .args(["route", "show", "10.244.2.0/24"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&routes.stdout).trim(),
+        "10.244.2.0/24 via 172.18.0.3 dev eth0"
+    );
+
+    let dir = scratch_dir("two-nodes");
+    let path = lab.write_cluster_manifests(&dir).expect("write manifests");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let stored = LabSpec::load(&path).expect("the manifests parse back");
+    for pod in &stored.pods {
+        let name = pod.metadata.name.clone().unwrap();
+        let namespace = pod.metadata.namespace.clone().unwrap();
+        assert_eq!(
+            pod.spec.as_ref().unwrap().node_name.as_deref(),
+            Some(lab.pod(&namespace, &name).unwrap().node.as_str()),
+            "{namespace}/{name} nodeName"
+        );
+    }
+    let stored_nodes: Vec<k8s_openapi::api::core::v1::Node> =
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+            .filter(|v| v["kind"] == "Node")
+            .map(|v| serde_yaml::from_value(v).expect("a Node object"))
+            .collect();
+    assert_eq!(stored_nodes.len(), 2);
+    for (node, stored) in nodes.iter().zip(&stored_nodes) {
+        assert_eq!(stored.metadata.name.as_deref(), Some(node.name()));
+        let spec = stored.spec.as_ref().unwrap();
+        assert_eq!(spec.pod_cidr, Some(node.pod_cidr().to_string()));
+        assert_eq!(
+            spec.pod_cidrs,
+            Some(vec![
+                node.pod_cidr().to_string(),
+                node.pod_cidr_v6().unwrap().to_string()
+            ])
+        );
+        let addresses: Vec<(String, String)> = stored
+            .status
+            .as_ref()
+            .unwrap()
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| (a.type_.clone(), a.address.clone()))
+            .collect();
+        assert_eq!(
+            addresses[..2],
+            [
+                (
+                    "InternalIP".to_string(),
+                    node.address().unwrap().to_string()
+                ),
+                (
+                    "InternalIP".to_string(),
+                    node.address_v6().unwrap().to_string()
+                )
+            ]
+        );
+    }
+    std::fs::remove_dir_all(&dir).expect("remove the scratch directory");
+
+    let netns = lab.netns_names().to_vec();
+    assert_eq!(netns.len(), 2 + 4, "two nodes, three pods and coredns");
+    drop(lab);
+    let listed = netns_list();
+    assert!(
+        netns.iter().all(|n| !is_listed(&listed, n)),
+        "a namespace survived the cluster:\n{listed}"
+    );
 }

@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use super::netns::nsenter_command;
 use super::services::{LabService, SERVICE_CIDR};
 use super::spec::Protocol;
+use super::topology::ip;
 
 /// The rules for `services`, or `None` when there is nothing to install (no Service with a
 /// ClusterIP), so a lab without Services never needs iptables.
@@ -135,7 +136,8 @@ const SERVICE_ROUTE_PEER: &str = "kube-svc1";
 /// node; this kernel has no dummy interfaces), so whatever goes out there is dropped.
 pub fn install(node_netns: &str, rules: &str) -> Result<()> {
     let cidr = SERVICE_CIDR.to_string();
-    for args in [
+    ip(
+        node_netns,
         &[
             "link",
             "add",
@@ -145,23 +147,13 @@ pub fn install(node_netns: &str, rules: &str) -> Result<()> {
             "peer",
             "name",
             SERVICE_ROUTE_PEER,
-        ][..],
-        &["link", "set", SERVICE_ROUTE_DEVICE, "up"],
+        ],
+    )?;
+    ip(node_netns, &["link", "set", SERVICE_ROUTE_DEVICE, "up"])?;
+    ip(
+        node_netns,
         &["route", "add", &cidr, "dev", SERVICE_ROUTE_DEVICE],
-    ] {
-        let output = nsenter_command(node_netns, "ip")
-            .args(args)
-            .output()
-            .context("running ip")?;
-        if !output.status.success() {
-            bail!(
-                "ip {} in {node_netns} failed ({}): {}",
-                args.join(" "),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-    }
+    )?;
     let mut child = nsenter_command(node_netns, "iptables-restore")
         .args(["-w", "5"])
         .stdin(Stdio::piped())

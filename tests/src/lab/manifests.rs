@@ -1,18 +1,23 @@
 //! The lab as an API server would hold it: the spec's Namespaces, Pods and Services with the
 //! fields the control plane fills in (node name, pod IPs, phase, the namespace name label,
-//! ClusterIPs), plus what controllers create (an EndpointSlice per Service). The agent's file
-//! source reads this instead of a real cluster.
+//! ClusterIPs), plus what kubelets and controllers create (a Node per node with its pod CIDRs
+//! and InternalIPs, an EndpointSlice per Service). The agent's file source reads this instead
+//! of a real cluster.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, PodIP, PodStatus, Service};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, NodeAddress, NodeSpec, NodeStatus, ObjectReference, Pod, PodIP, PodStatus,
+    Service,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::node::LabPod;
+use super::options::NodePlan;
 use super::services::{service_namespace, LabService};
 use super::spec::{pod_namespace, LabSpec};
 
@@ -25,10 +30,18 @@ const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
-pub fn render(spec: &LabSpec, pods: &[LabPod], services: &[LabService]) -> Result<String> {
+pub fn render(
+    spec: &LabSpec,
+    nodes: &[NodePlan],
+    pods: &[LabPod],
+    services: &[LabService],
+) -> Result<String> {
     let mut yaml = String::new();
     for namespace in spec.namespaces_with_implicit() {
         append(&mut yaml, &as_stored_namespace(namespace))?;
+    }
+    for node in nodes {
+        append(&mut yaml, &as_stored_node(node))?;
     }
     for pod in &spec.pods {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
@@ -98,6 +111,48 @@ fn as_stored_pod(mut pod: Pod, lab_pod: &LabPod) -> Pod {
             .collect(),
     );
     pod
+}
+
+/// A Node as kubelet registers it and the node IPAM controller completes it: pod CIDRs
+/// (IPv4 first) and the InternalIP(s) other nodes reach it at.
+fn as_stored_node(plan: &NodePlan) -> Node {
+    let mut node = Node::default();
+    node.metadata.name = Some(plan.node_name.clone());
+    node.metadata.labels = Some(
+        [
+            ("kubernetes.io/hostname", plan.node_name.as_str()),
+            ("kubernetes.io/os", "linux"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    let cidrs: Vec<String> = std::iter::once(plan.pod_cidr.to_string())
+        .chain(plan.pod_cidr_v6.map(|c| c.to_string()))
+        .collect();
+    node.spec = Some(NodeSpec {
+        pod_cidr: Some(cidrs[0].clone()),
+        pod_cidrs: Some(cidrs),
+        ..NodeSpec::default()
+    });
+    let internal = plan
+        .address
+        .map(|a| a.addr().to_string())
+        .into_iter()
+        .chain(plan.address_v6.map(|a| a.addr().to_string()))
+        .map(|address| NodeAddress {
+            address,
+            type_: "InternalIP".to_string(),
+        });
+    let hostname = NodeAddress {
+        address: plan.node_name.clone(),
+        type_: "Hostname".to_string(),
+    };
+    node.status = Some(NodeStatus {
+        addresses: Some(internal.chain([hostname]).collect()),
+        ..NodeStatus::default()
+    });
+    node
 }
 
 /// The defaults the API server fills in and the ClusterIP the allocator chose.

@@ -1,14 +1,20 @@
-//! The local lab: one simulated Kubernetes node made of network namespaces.
+//! The local lab: a simulated Kubernetes cluster of one or two nodes made of network namespaces.
 //!
-//! The node is a network namespace with no link to the machine's root namespace; every pod is a
-//! network namespace attached to the node by the CNI `ptp` plugin (host-local IPAM), the way a
-//! container runtime does it. Only namespaces are created in the root namespace, and probes only
-//! target addresses the lab itself assigned.
+//! Each node is a network namespace with no link to the machine's root namespace (two nodes are
+//! joined to each other by a veth pair, as kind's nodes share a docker network); every pod is a
+//! network namespace attached to its node by the CNI `ptp` plugin (host-local IPAM, IPv4 or
+//! dual-stack), the way a container runtime does it. The lab also plays the control plane's
+//! part: ClusterIPs and endpoints for Services, kube-proxy's iptables rules in every node, and
+//! cluster DNS (dnsmasq in a CoreDNS pod). Only namespaces (and /etc/netns files for them) are
+//! created outside the lab's own namespaces, and probes only target addresses the lab assigned.
 //!
-//! Layout: `spec` parses the manifests, `names` and `state` own naming and the on-disk record,
-//! `netns` and `cni` create and wire namespaces, `server` and `probe` move the traffic,
-//! `manifests` writes what an API server would hold, `node` ties them into [`Lab`].
+//! Layout: `spec` parses the manifests and `options` the request; `names` and `state` own
+//! naming and the on-disk record; `netns`, `cni` and `topology` create and wire namespaces;
+//! `services`, `kube_proxy`, `dns`, `dnsmasq` and `etc_netns` are the control plane's part;
+//! `server`, `probe` and `name_probe` move the traffic; `manifests` writes what an API server
+//! would hold; `node` builds and tears down a [`Lab`], `access` is what tests do with one.
 
+mod access;
 mod cni;
 mod dns;
 mod dnsmasq;
@@ -19,15 +25,19 @@ mod name_probe;
 mod names;
 mod netns;
 mod node;
+mod options;
 mod probe;
 mod server;
 mod services;
 mod spec;
 mod state;
+mod topology;
 
+pub use access::LabNode;
 pub use dns::{CLUSTER_DOMAIN, DNS_NAMESPACE, DNS_POD, DNS_SERVICE};
 pub use name_probe::NameProbe;
-pub use node::{Lab, LabOptions, LabPod};
+pub use node::{Lab, LabPod};
+pub use options::{ClusterOptions, LabOptions, NodeOptions, NODE_NETWORK, NODE_NETWORK_V6};
 pub use probe::{Probe, ProbeKind, ProbeOutcome};
 pub use services::{
     LabService, LabServicePort, ServiceEndpoint, TargetPort, DNS_CLUSTER_IP, SERVICE_CIDR,

@@ -28,8 +28,12 @@ impl LabNames {
         }
     }
 
-    pub fn node_netns(&self) -> String {
-        format!("{}-node", self.netns_prefix)
+    /// `<prefix>-node` for the first node (as before there were several), then `-node2`...
+    pub fn node_netns(&self, index: usize) -> String {
+        match index {
+            0 => format!("{}-node", self.netns_prefix),
+            _ => format!("{}-node{}", self.netns_prefix, index + 1),
+        }
     }
 
     pub fn pod_netns(&self, index: usize) -> String {
@@ -45,8 +49,9 @@ impl LabNames {
         PathBuf::from(STATE_ROOT).join(&self.id)
     }
 
-    pub fn ipam_dir(&self) -> PathBuf {
-        self.dir().join("ipam")
+    /// host-local's state for one node's pod CIDR.
+    pub fn ipam_dir(&self, node: usize) -> PathBuf {
+        self.dir().join("ipam").join(node.to_string())
     }
 }
 
@@ -59,7 +64,7 @@ mod tests {
         let a = LabNames::allocate();
         let b = LabNames::allocate();
         assert_ne!(a.id, b.id, "two labs of one process must not share an id");
-        assert_ne!(a.node_netns(), b.node_netns(), "nor a node namespace");
+        assert_ne!(a.node_netns(0), b.node_netns(0), "nor a node namespace");
         let pid = std::process::id();
         assert!(
             a.id.starts_with(&format!("lab-{pid}-")),
@@ -67,11 +72,12 @@ mod tests {
             a.id
         );
         let n = a.id.rsplit('-').next().unwrap();
-        assert_eq!(a.node_netns(), format!("npl-{pid}-{n}-node"));
+        assert_eq!(a.node_netns(0), format!("npl-{pid}-{n}-node"));
+        assert_eq!(a.node_netns(1), format!("npl-{pid}-{n}-node2"));
         assert_eq!(a.pod_netns(3), format!("npl-{pid}-{n}-p3"));
         assert!(
-            a.ipam_dir().starts_with(STATE_ROOT),
-            "IPAM state stays in the lab's directory"
+            a.ipam_dir(1).starts_with(STATE_ROOT) && a.ipam_dir(0) != a.ipam_dir(1),
+            "IPAM state stays in the lab's directory, one per node"
         );
     }
 }
