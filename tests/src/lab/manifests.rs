@@ -263,3 +263,113 @@ fn slice_suffix(service: &str, index: usize) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::lab::options::{resolve_nodes, ClusterOptions};
+    use crate::lab::services;
+
+    const SPEC: &str = r#"
+kind: Pod
+apiVersion: v1
+metadata: {name: web-1, labels: {app: web}}
+spec: {nodeName: node-b, containers: [{name: c, ports: [{containerPort: 8080, name: http}]}]}
+---
+kind: Pod
+apiVersion: v1
+metadata: {name: web-2, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{containerPort: 8081, name: http}]}]}
+---
+kind: Service
+apiVersion: v1
+metadata: {name: web, labels: {tier: front}}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+kind: Service
+apiVersion: v1
+metadata: {name: manual}
+spec: {ports: [{port: 81}]}
+"#;
+
+    fn documents(yaml: &str) -> Vec<serde_yaml::Value> {
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn holds_what_an_api_server_would_for_two_nodes_and_a_service() {
+        let spec = LabSpec::from_yaml_str(SPEC).expect("the sample spec parses");
+        let nodes = resolve_nodes(&ClusterOptions::two_nodes(), "lab-1-0").unwrap();
+        let pods: Vec<LabPod> = [("web-1", 1), ("web-2", 0)]
+            .iter()
+            .map(|(name, node)| LabPod {
+                namespace: "default".into(),
+                name: name.to_string(),
+                ip: IpAddr::from([10, 244, *node as u8 + 1, 2]),
+                ipv6: None,
+                netns: String::new(),
+                ports: Vec::new(),
+                node: nodes[*node].node_name.clone(),
+            })
+            .collect();
+        let services = services::plan(&spec.services, &spec.pods, &pods).unwrap();
+        let yaml = render(&spec, &nodes, &pods, &services).expect("renders");
+        let docs = documents(&yaml);
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Namespace",
+                "Node",
+                "Node",
+                "Pod",
+                "Pod",
+                "Service",
+                "EndpointSlice",
+                "EndpointSlice",
+                "Service"
+            ],
+            "a Service without a selector gets no managed EndpointSlice"
+        );
+        let node_b = &docs[2];
+        assert_eq!(node_b["metadata"]["name"], "lab-1-0-node-b");
+        assert_eq!(node_b["spec"]["podCIDR"], "10.244.2.0/24");
+        assert_eq!(node_b["status"]["addresses"][0]["type"], "InternalIP");
+        assert_eq!(node_b["status"]["addresses"][0]["address"], "172.18.0.3");
+        assert_eq!(docs[3]["spec"]["nodeName"], "lab-1-0-node-b");
+
+        let web = &docs[5];
+        assert_eq!(web["spec"]["clusterIP"], "10.96.0.11");
+        assert_eq!(web["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(web["spec"]["ports"][0]["targetPort"], "http");
+        assert_eq!(
+            docs[8]["spec"]["ports"][0]["targetPort"], 81,
+            "defaulted to port"
+        );
+
+        let slice = &docs[6];
+        assert_eq!(slice["metadata"]["labels"][SERVICE_NAME_LABEL], "web");
+        assert_eq!(
+            slice["metadata"]["labels"]["tier"], "front",
+            "the Service's labels are copied"
+        );
+        assert_eq!(slice["endpoints"][0]["nodeName"], "lab-1-0-node-b");
+        assert_eq!(slice["endpoints"][0]["targetRef"]["name"], "web-1");
+        assert_eq!(slice["ports"][0]["name"], "");
+        assert_eq!(slice["ports"][0]["port"], 8080);
+        assert_eq!(docs[7]["ports"][0]["port"], 8081, "web-2's own port");
+        assert_ne!(
+            slice["metadata"]["name"], docs[7]["metadata"]["name"],
+            "slice names are distinct"
+        );
+        assert_eq!(
+            yaml,
+            render(&spec, &nodes, &pods, &services).unwrap(),
+            "rendering is stable"
+        );
+    }
+}

@@ -112,6 +112,13 @@ impl ClusterOptions {
     }
 }
 
+/// One node, as `LabOptions::default()`.
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        LabOptions::default().into()
+    }
+}
+
 impl From<LabOptions> for ClusterOptions {
     fn from(opts: LabOptions) -> ClusterOptions {
         ClusterOptions {
