@@ -28,6 +28,10 @@ pub fn agent_bin() -> PathBuf {
 
 pub struct Agent<'a> {
     lab: &'a Lab,
+    /// The node this agent runs on: its name in the lab options (`node-a`) and its Kubernetes
+    /// name (`--node-name`).
+    node_spec: String,
+    node_name: String,
     bin: PathBuf,
     /// Manifests the agent reads: the lab's cluster objects plus the current policies.
     manifests: PathBuf,
@@ -35,14 +39,28 @@ pub struct Agent<'a> {
 }
 
 impl<'a> Agent<'a> {
+    /// The agent of the lab's first (or only) node.
     pub fn new(lab: &'a Lab) -> Result<Self> {
+        let first = lab.nodes().next().context("the lab has no node")?;
+        Self::on_node(lab, first.spec_name())
+    }
+
+    /// The agent of one node of a cluster lab (`node-a`, `node-b`), as its DaemonSet pod
+    /// would run there: in that node's network namespace, with its own state and pins, reading
+    /// the same cluster objects as every other node's agent.
+    pub fn on_node(lab: &'a Lab, node: &str) -> Result<Self> {
+        let node = lab
+            .node(node)
+            .with_context(|| format!("lab {} has no node {node}", lab.id()))?;
         let manifests = lab.state_dir().join("manifests");
         fs::create_dir_all(&manifests)?;
         lab.write_cluster_manifests(&manifests)?;
         Ok(Self {
             lab,
+            node_spec: node.spec_name().to_string(),
+            node_name: node.name().to_string(),
             bin: agent_bin(),
-            state_dir: lab.state_dir().join("agent"),
+            state_dir: lab.state_dir().join(format!("agent-{}", node.spec_name())),
             manifests,
         })
     }
@@ -93,9 +111,13 @@ impl<'a> Agent<'a> {
     /// Runs an agent subcommand in the node's network namespace with this node's flags.
     /// `netpol-agent <sub>` in the node's network namespace, with this node's flags.
     fn base(&self, sub: &str) -> std::process::Command {
-        let mut cmd = self.lab.node_command(&self.bin.to_string_lossy());
+        let node = self
+            .lab
+            .node(&self.node_spec)
+            .expect("the node outlives its agent");
+        let mut cmd = node.node_command(&self.bin.to_string_lossy());
         cmd.arg(sub)
-            .args(["--node-name", self.lab.node_name()])
+            .args(["--node-name", &self.node_name])
             .arg("--state-dir")
             .arg(&self.state_dir)
             .env("NETPOL_LOG", "warn");
@@ -173,7 +195,7 @@ impl<'a> Agent<'a> {
 
     /// The node's pin directory (what `reset` must remove).
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/bpf/netpol").join(self.lab.node_name())
+        PathBuf::from("/sys/fs/bpf/netpol").join(&self.node_name)
     }
 }
 

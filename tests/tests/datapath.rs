@@ -477,3 +477,172 @@ fn root_gc_command_runs_on_a_live_node() {
     // the program test `root_prog_gc_removes_only_expired_entries`).
     assert!(stdout.contains("0 expired flow(s)"), "{stdout}");
 }
+
+/// Two nodes: the app's frontend and a client on node-a, backend and db on node-b.
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: frontend, namespace: app, labels: {role: frontend}}, spec: {nodeName: node-a, containers: [{name: c, ports: [{containerPort: 80}]}]}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: client, namespace: app, labels: {role: client}}, spec: {nodeName: node-a, containers: [{name: c, ports: [{containerPort: 80}]}]}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: backend, namespace: app, labels: {role: backend}}, spec: {nodeName: node-b, containers: [{name: c, ports: [{containerPort: 5678}]}]}}
+---
+{apiVersion: v1, kind: Pod, metadata: {name: db, namespace: app, labels: {role: db}}, spec: {nodeName: node-b, containers: [{name: c, ports: [{containerPort: 3306}]}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: backend-svc, namespace: app}, spec: {selector: {role: backend}, ports: [{port: 80, targetPort: 5678}]}}
+---
+{apiVersion: v1, kind: Service, metadata: {name: db-svc, namespace: app}, spec: {selector: {role: db}, ports: [{port: 3306}]}}
+"#;
+
+/// frontend may reach backend on 5678 (egress); backend admits only frontend (ingress);
+/// db admits only backend. The client is not selected by any policy.
+const CROSS_NODE: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend, namespace: app}
+spec:
+  podSelector: {matchLabels: {role: frontend}}
+  policyTypes: [Egress]
+  egress:
+    - to: [{podSelector: {matchLabels: {role: backend}}}]
+      ports: [{port: 5678}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend, namespace: app}
+spec:
+  podSelector: {matchLabels: {role: backend}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {role: frontend}}}]
+      ports: [{port: 5678}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: app}
+spec:
+  podSelector: {matchLabels: {role: db}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {role: backend}}}]
+"#;
+
+#[test]
+fn root_two_nodes_enforce_ingress_and_egress_across_nodes() {
+    let spec = LabSpec::from_yaml_str(TWO_NODES).expect("lab spec parses");
+    let lab = Lab::start_cluster(
+        &spec,
+        netpol_tests::lab::ClusterOptions {
+            probe_timeout: Duration::from_millis(700),
+            ..netpol_tests::lab::ClusterOptions::two_nodes()
+        },
+    )
+    .expect("two-node lab starts (needs root, network namespaces, /usr/lib/cni)");
+    // One agent per node, each enforcing its own pods from the same cluster objects.
+    let agents = [
+        Agent::on_node(&lab, "node-a").unwrap(),
+        Agent::on_node(&lab, "node-b").unwrap(),
+    ];
+    for agent in &agents {
+        agent.set_policies(&[("cross-node", CROSS_NODE)]).unwrap();
+        agent.apply().unwrap();
+    }
+    let ip = |pod| lab.pod_ip("app", pod);
+    let svc = |name| lab.service_ip("app", name);
+    let cases = [
+        // Egress on node-a, ingress on node-b.
+        (
+            Probe::tcp(("app", "frontend"), ip("backend"), 5678),
+            true,
+            "frontend -> backend",
+        ),
+        (
+            Probe::tcp(("app", "frontend"), svc("backend-svc"), 80),
+            true,
+            "frontend -> backend-svc",
+        ),
+        (
+            Probe::tcp(("app", "frontend"), ip("db"), 3306),
+            false,
+            "frontend -> db (egress, node-a)",
+        ),
+        (
+            Probe::tcp(("app", "frontend"), svc("db-svc"), 3306),
+            false,
+            "frontend -> db-svc (egress before DNAT)",
+        ),
+        (
+            Probe::tcp(("app", "client"), ip("backend"), 5678),
+            false,
+            "client -> backend (ingress, node-b)",
+        ),
+        (
+            Probe::tcp(("app", "client"), svc("backend-svc"), 80),
+            false,
+            "client -> backend-svc (ingress after DNAT, node-b)",
+        ),
+        (
+            Probe::tcp(("app", "client"), ip("db"), 3306),
+            false,
+            "client -> db",
+        ),
+        (
+            Probe::tcp(("app", "backend"), ip("db"), 3306),
+            true,
+            "backend -> db (same node)",
+        ),
+        (
+            Probe::tcp(("app", "backend"), ip("frontend"), 80),
+            true,
+            "backend -> frontend (unisolated ingress across)",
+        ),
+    ];
+    let probes: Vec<Probe> = cases.iter().map(|(p, _, _)| p.clone()).collect();
+    let outcomes = lab.probe_all(&probes);
+    let failures: Vec<String> = cases
+        .iter()
+        .zip(&outcomes)
+        .filter(|((_, open, _), o)| {
+            if *open {
+                !o.is_open()
+            } else {
+                **o != ProbeOutcome::TimedOut
+            }
+        })
+        .map(|((_, open, what), o)| {
+            format!(
+                "{what}: expected {}, got {o}",
+                if *open { "open" } else { "dropped" }
+            )
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Each node's own address reaches its pods (kubelet probes), whatever their policy; the
+    // other node's address is just another peer, which db's policy does not admit.
+    let node_b = lab.node("node-b").unwrap();
+    let node_a = lab.node("node-a").unwrap();
+    let timeout = Duration::from_millis(700);
+    assert!(
+        node_b
+            .tcp_connect_from_node(ip("db"), 3306, timeout)
+            .is_open(),
+        "node-b -> db"
+    );
+    assert_eq!(
+        node_a.tcp_connect_from_node(ip("db"), 3306, timeout),
+        ProbeOutcome::TimedOut,
+        "node-a -> db (a remote node is no host of db)"
+    );
+    // Each agent programmed only its own node's pods.
+    let a = agents[0].dump_json().unwrap();
+    let mut pods: Vec<&str> = a["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["pod"].as_str())
+        .collect();
+    pods.sort();
+    assert_eq!(pods, ["app/client", "app/frontend"], "node-a's endpoints");
+}
