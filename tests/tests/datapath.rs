@@ -72,6 +72,9 @@ spec: {containers: [{name: c}]}
 }
 
 const APP: &str = "app1-ns";
+
+/// A probe by name, what it stands for, and what its outcome must satisfy.
+type Check = (NameProbe, &'static str, fn(&ProbeOutcome) -> bool);
 const DB_FQDN: &str = "db-sts-0.db-svc.app1-ns.svc.cluster.local";
 
 #[test]
@@ -89,7 +92,7 @@ fn root_services_and_dns_under_the_seed_policies() {
     agent.apply().unwrap();
 
     let from = |pod| (APP, pod);
-    let checks: Vec<(NameProbe, &str, fn(&ProbeOutcome) -> bool)> = vec![
+    let checks: Vec<Check> = vec![
         (
             NameProbe::tcp(from("frontend"), "backend-svc", 5678),
             "telnet backend-svc 5678 from frontend: allowed by egress to backend pods",

@@ -1,5 +1,7 @@
 //! 100,000 random and mutated frames against a reference that knows what may pass.
 
+use std::collections::HashSet;
+
 use netpol_tests::packet::{self as p, V4};
 
 use crate::harness::*;
@@ -24,12 +26,14 @@ impl Rng {
 /// parser separate from the program's, with the state a stateful filter legitimately keeps:
 /// first fragments it passed (their later fragments may follow) and flows it passed (ICMP
 /// errors about them may follow).
+/// (source, destination, protocol, source port, destination port).
+type Flow = ([u8; 4], [u8; 4], u8, u16, u16);
+
 #[derive(Default)]
 struct Reference {
     /// (source, destination, protocol, IP id) of passed first fragments.
-    first_fragments: std::collections::HashSet<([u8; 4], [u8; 4], u8, u16)>,
-    /// (source, destination, protocol, source port, destination port) of passed flows.
-    flows: std::collections::HashSet<([u8; 4], [u8; 4], u8, u16, u16)>,
+    first_fragments: HashSet<([u8; 4], [u8; 4], u8, u16)>,
+    flows: HashSet<Flow>,
 }
 
 struct V4View {
