@@ -95,17 +95,28 @@ pub struct DatapathArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    #[arg(long, required = true, num_args = 1..)]
+    /// Manifest files or directories to read instead of the Kubernetes API. Without them the
+    /// agent watches the API (in-cluster config, or $KUBECONFIG / ~/.kube/config).
+    #[arg(long, num_args = 1..)]
     pub manifests: Vec<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
-    /// How often to look for changed manifest files, in milliseconds.
+    /// How often to look for changed manifest files, in milliseconds (file mode); the loop's
+    /// heartbeat in both modes.
     #[arg(long, default_value_t = 500)]
     pub poll_ms: u64,
     /// Full reconcile at least this often, in seconds (repairs drift, finds new interfaces);
     /// expired conntrack entries are collected as often.
     #[arg(long, default_value_t = 30)]
     pub resync_s: u64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    pub listen: std::net::SocketAddr,
+    /// Kubernetes mode: write this node's CNI configuration (ptp + host-local over the Node's
+    /// podCIDRs) into this directory and keep routes to the other nodes' pod CIDRs, so netpol
+    /// is the cluster's only CNI (KIND with the default CNI disabled).
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
     #[command(flatten)]
     pub datapath: DatapathArgs,
 }

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod file;
+pub mod kube;
 
 use std::path::PathBuf;
 
