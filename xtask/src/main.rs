@@ -4,11 +4,13 @@
 //! - `build`: setup, then the agent with its embedded eBPF object
 //! - `demo`: the local demo (README command 1)
 //! - `test`: every test (README command 2; `.ci/run` calls exactly this)
+//! - `validate`: the deploy/ manifests, kind config and KIND script, offline (part of `test`)
 
 mod demo;
 mod setup;
 mod test;
 mod util;
+mod validate;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +39,9 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Check deploy/ offline: manifests against the Kubernetes 1.33 schemas (strict), the kind
+    /// cluster config, and the KIND demo script (bash -n, shellcheck).
+    Validate,
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +52,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Demo => demo::run(),
         Command::Test { args } => test::run(&args),
+        Command::Validate => validate::run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

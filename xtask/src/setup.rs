@@ -24,6 +24,24 @@ const PACKAGES: &[&str] = &[
     "iptables",
     // The lab's cluster DNS server; -base is the binary without the system service.
     "dnsmasq-base",
+    // `cargo xtask validate`: a venv for kubernetes-validate, and shellcheck.
+    "python3-venv",
+    "shellcheck",
+];
+
+/// kubernetes-validate (its Kubernetes schemas are bundled; 1.33.1 ships 1.33.0's) and every
+/// package it pulls in, pinned, so validation gives the same answer on every machine.
+pub const VALIDATOR_REQUIREMENTS: &[&str] = &[
+    "kubernetes-validate==1.33.1",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "packaging==26.3",
+    "PyYAML==6.0.3",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "typing_extensions==4.16.0",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -37,7 +55,17 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     toolchain_link()?;
     bpffs()?;
-    Ok(())
+    validators()
+}
+
+/// Only what `cargo xtask validate` needs (part of `run` too).
+pub fn validation_tools() -> Result<()> {
+    step("setup (validators)");
+    if !nix_is_root() {
+        bail!("setup needs root (apt-get)");
+    }
+    packages()?;
+    validators()
 }
 
 fn nix_is_root() -> bool {
@@ -129,4 +157,31 @@ fn bpffs() -> Result<()> {
     }
     println!("bpffs: mounting at /sys/fs/bpf");
     exec(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// The venv kubernetes-validate runs from.
+pub fn venv_dir() -> std::path::PathBuf {
+    tools_dir().join("venv")
+}
+
+/// A venv under the tools directory with `VALIDATOR_REQUIREMENTS`; a stamp file holding the
+/// list makes a second run a file comparison.
+fn validators() -> Result<()> {
+    let venv = venv_dir();
+    let stamp = venv.join("netpol-requirements.txt");
+    let want = VALIDATOR_REQUIREMENTS.join("\n") + "\n";
+    if venv.join("bin/kubernetes-validate").exists()
+        && std::fs::read_to_string(&stamp).is_ok_and(|have| have == want)
+    {
+        println!("kubernetes-validate: present in {}", venv.display());
+        return Ok(());
+    }
+    println!("kubernetes-validate: installing into {}", venv.display());
+    exec(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    exec(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(VALIDATOR_REQUIREMENTS),
+    )?;
+    std::fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))
 }

@@ -1,4 +1,5 @@
-//! Every test: formatting, lints, unit tests, then the privileged kernel tests in the lab.
+//! Every test: formatting, the offline checks of deploy/ (`validate`), lints, unit tests, then
+//! the privileged kernel tests in the lab.
 //! The kernel tests need root and the kernel; they fail loudly, never skip, when they cannot run.
 
 use anyhow::Result;
@@ -6,12 +7,14 @@ use anyhow::Result;
 use crate::{
     setup,
     util::{build_agent, command, exec, step},
+    validate,
 };
 
 pub fn run(extra: &[String]) -> Result<()> {
     setup::run()?;
     step("cargo fmt --check");
     exec(command("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    validate::check()?;
     let bin = build_agent(false)?;
     // The eBPF crate builds only for the BPF target (through the agent's build.rs), not for
     // the host, so host-side clippy and test leave it out.
