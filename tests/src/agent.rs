@@ -142,6 +142,22 @@ impl<'a> Agent<'a> {
             .context("spawning netpol-agent run")
     }
 
+    /// `spawn_run` logging at `info`, uncoloured, on a pipe (the child's stderr), so a test
+    /// can read what each pass did (its `reconciled ... map_changes=0 attached=0` line). The
+    /// caller reads the pipe and stops the process by PID.
+    pub fn spawn_run_logged(&self) -> Result<std::process::Child> {
+        self.base("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--poll-ms", "100"])
+            .env("NETPOL_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning netpol-agent run")
+    }
+
     /// `apply --manifests <dir>`; fails unless the agent exits 0.
     pub fn apply(&self) -> Result<String> {
         let dir = self.manifests.to_string_lossy().into_owned();
