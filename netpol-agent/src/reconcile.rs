@@ -76,6 +76,17 @@ pub fn reconcile(
     let started = Instant::now();
     let mut report = Report::default();
     let host_addrs = host::addresses()?;
+    let have = maps::read(dp.pins())?;
+    // A process without the previous one's ids (a restart, a one-shot `apply`) takes them from
+    // the state directory; failing that, it numbers above every id the maps hold. An id in
+    // use never gets another meaning.
+    let restored;
+    let prev = if prev.identities.is_empty() && prev.classes.is_empty() {
+        restored = restore_allocation(state_dir, &have);
+        &restored
+    } else {
+        prev
+    };
     let compiled = compile_with(snapshot, &Scope::Node(node.to_string()), &host_addrs, prev);
     report.warnings = compiled.warnings.clone();
 
@@ -101,7 +112,6 @@ pub fn reconcile(
     }
 
     let want = desired::map_contents(&compiled, &ifindex_of);
-    let have = maps::read(dp.pins())?;
     let diff = desired::diff(&want, &have);
     report.map_changes = diff.changes();
     if !diff.is_empty() {
@@ -129,6 +139,10 @@ pub fn reconcile(
             path: state_dir.display().to_string(),
             source,
         })?;
+    save_allocation(state_dir, &compiled.allocation).map_err(|source| ReconcileError::Names {
+        path: state_dir.display().to_string(),
+        source,
+    })?;
     report.allocation = compiled.allocation;
     report.duration = started.elapsed();
     debug!(?report, "reconciled");
@@ -146,4 +160,41 @@ pub fn reconcile(
         "reconciled"
     );
     Ok(report)
+}
+
+/// Where the ids of the last pass are kept, beside the names file.
+pub fn allocation_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("allocation.json")
+}
+
+fn save_allocation(state_dir: &Path, allocation: &Allocation) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(".allocation.json.tmp");
+    std::fs::write(&tmp, allocation.to_json())?;
+    std::fs::rename(tmp, allocation_path(state_dir))
+}
+
+/// The ids the previous process saved, with counters at least above every pinned id; or, when
+/// there is no readable file, fresh counters above every pinned id.
+fn restore_allocation(state_dir: &Path, have: &desired::MapContents) -> Allocation {
+    let floor = desired::allocation_above(have);
+    let saved = std::fs::read_to_string(allocation_path(state_dir))
+        .ok()
+        .and_then(|text| match Allocation::from_json(&text) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!(error = %e, "unreadable allocation.json: numbering above the pinned ids");
+                None
+            }
+        });
+    match saved {
+        Some(mut a) => {
+            a.next_identity = a.next_identity.max(floor.next_identity);
+            a.next_class = a.next_class.max(floor.next_class);
+            a.next_rule_set = a.next_rule_set.max(floor.next_rule_set);
+            a.next_service = a.next_service.max(floor.next_service);
+            a
+        }
+        None => floor,
+    }
 }

@@ -21,6 +21,7 @@ use std::{
 
 use ipnet::IpNet;
 use netpol_common::{identity, Direction};
+use serde::{Deserialize, Serialize};
 
 use super::{
     entries::{cidr_sets, class_entries, close, ClassEntries, ClassRule, ClassSpec, Cluster},
@@ -39,9 +40,10 @@ pub enum Scope {
 }
 
 /// A rule of a policy, as `simulate` and `dump` name it: `ns/policy#ingress[0]`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RuleRef {
     pub policy: ObjectRef,
+    #[serde(with = "direction_name")]
     pub direction: Direction,
     pub index: usize,
 }
@@ -59,7 +61,7 @@ impl fmt::Display for RuleRef {
 }
 
 /// What an identity stands for.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct IdentityKey {
     pub namespace: String,
     pub labels: Labels,
@@ -186,8 +188,9 @@ pub struct ServiceAddr {
 }
 
 /// Everything a class's content depends on; classes with equal keys are shared.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ClassKey {
+    #[serde(with = "direction_name")]
     pub direction: Direction,
     /// Selecting policies, sorted.
     pub policies: Vec<ObjectRef>,
@@ -206,12 +209,18 @@ pub struct Touched {
 }
 
 /// Ids handed out so far. Ids are never reused for other content: a packet in flight never
-/// meets an id that changed meaning.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// meets an id that changed meaning. Persisted beside the maps (`Allocation::to_json`), so a
+/// restarted agent keeps them too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Allocation {
+    #[serde(with = "as_pairs")]
     pub identities: BTreeMap<IdentityKey, u32>,
+    #[serde(with = "as_pairs")]
     pub classes: BTreeMap<ClassKey, u32>,
+    #[serde(with = "as_pairs")]
     pub rule_sets: BTreeMap<BTreeSet<RuleRef>, u32>,
+    #[serde(with = "as_pairs")]
     pub services: BTreeMap<ServicePort, u32>,
     pub next_identity: u32,
     pub next_class: u32,
@@ -219,7 +228,55 @@ pub struct Allocation {
     pub next_service: u32,
 }
 
+/// Maps with structured keys, as JSON arrays of `[key, id]` pairs.
+mod as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, S: Serializer>(
+        map: &BTreeMap<K, u32>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, D>(d: D) -> Result<BTreeMap<K, u32>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, u32)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// `Direction` by name (`netpol-common` stays free of serde).
+mod direction_name {
+    use netpol_common::Direction;
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(dir: &Direction, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(dir.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Direction, D::Error> {
+        let name = String::deserialize(d)?;
+        Direction::ALL
+            .into_iter()
+            .find(|dir| dir.name() == name)
+            .ok_or_else(|| D::Error::custom(format!("unknown direction {name:?}")))
+    }
+}
+
 impl Allocation {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an allocation serialises")
+    }
+
+    pub fn from_json(text: &str) -> Result<Allocation, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
     fn counters_from(prev: &Allocation) -> Allocation {
         Allocation {
             next_identity: prev.next_identity.max(identity::FIRST_POD),

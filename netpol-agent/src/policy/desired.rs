@@ -13,7 +13,7 @@ use netpol_common::{
 };
 
 use super::{
-    compile::{CidrEntry, Compiled, Endpoint, PolicyEntry, ServiceAddr, Touched},
+    compile::{Allocation, CidrEntry, Compiled, Endpoint, PolicyEntry, ServiceAddr, Touched},
     model::ObjectRef,
     ports::PortPrefix,
 };
@@ -305,6 +305,46 @@ pub fn diff_touched(
         }
     }
     d
+}
+
+/// Id counters above every id the maps hold, for a process that starts without the ids of
+/// the one that programmed them: it must never give an id in use a different meaning (a
+/// class id reused for other rules would, while the maps are rewritten, briefly apply the
+/// old rules to the new pods). Content is renumbered instead, make-before-break.
+pub fn allocation_above(have: &MapContents) -> Allocation {
+    use netpol_common::identity::{FIRST_CIDR_SET, FIRST_SERVICE};
+    let (mut identity, mut class, mut rule_set, mut service) = (0u32, 0u32, 0u32, 0u32);
+    let mut peer = |id: u32| match id {
+        id if id >= FIRST_CIDR_SET => {}
+        id if id >= FIRST_SERVICE => service = service.max(id),
+        id => identity = identity.max(id),
+    };
+    for info in have.endpoints.values() {
+        peer(info.identity);
+        class = class.max(info.ingress_class).max(info.egress_class);
+    }
+    for value in have.ipcache.values() {
+        peer(value.identity);
+    }
+    for value in have.services.values() {
+        peer(value.identity);
+    }
+    for ((prefix, key), value) in &have.policy {
+        let entry = policy_entry_from_key(*prefix, key);
+        peer(entry.peer);
+        class = class.max(entry.class);
+        rule_set = rule_set.max(value.rule_set);
+    }
+    for (_, key) in have.cidr.keys() {
+        class = class.max(u32::from_be_bytes(key.class));
+    }
+    Allocation {
+        next_identity: identity + 1,
+        next_class: class + 1,
+        next_rule_set: rule_set + 1,
+        next_service: service + 1,
+        ..Default::default()
+    }
 }
 
 pub fn diff(desired: &MapContents, actual: &MapContents) -> MapDiff {

@@ -8,6 +8,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use super::selector::LabelSelector;
 
@@ -17,7 +18,7 @@ pub type Labels = BTreeMap<String, String>;
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A namespaced object's name: `namespace/name`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -38,7 +39,7 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -182,7 +183,7 @@ impl Policy {
 
 /// A port of a Service that has a ClusterIP: where a pod's packet is addressed before
 /// kube-proxy's DNAT sends it to one of the port's backends.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServicePort {
     pub service: ObjectRef,
     /// The port's name ("" when the Service has a single unnamed port), as EndpointSlices

@@ -411,3 +411,20 @@ fn service_entries_follow_a_backend_relabel() {
         "incremental and full agree"
     );
 }
+
+#[test]
+fn allocation_round_trips_through_json_and_keeps_ids() {
+    let policy = r#"{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: p, namespace: a},
+        spec: {podSelector: {matchLabels: {app: api}}, policyTypes: [Ingress, Egress],
+          ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: http}]}],
+          egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.2.0/24]}}]}]}}"#;
+    let snap = snapshot(&format!("{policy}\n---\n{SERVICES}"));
+    let first = compile(&snap, &Scope::Cluster, &[]);
+    let text = first.allocation.to_json();
+    let restored = super::compile::Allocation::from_json(&text).expect("valid JSON");
+    assert_eq!(restored, first.allocation, "every id and counter survives");
+    let again = super::compile_with(&snap, &Scope::Cluster, &[], &restored);
+    assert_eq!(again.policy, first.policy, "a process restarted from the file keeps every id");
+    assert_eq!(again.ipcache, first.ipcache);
+    assert_eq!(again.services, first.services);
+}
