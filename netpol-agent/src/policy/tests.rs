@@ -424,7 +424,10 @@ fn allocation_round_trips_through_json_and_keeps_ids() {
     let restored = super::compile::Allocation::from_json(&text).expect("valid JSON");
     assert_eq!(restored, first.allocation, "every id and counter survives");
     let again = super::compile_with(&snap, &Scope::Cluster, &[], &restored);
-    assert_eq!(again.policy, first.policy, "a process restarted from the file keeps every id");
+    assert_eq!(
+        again.policy, first.policy,
+        "a process restarted from the file keeps every id"
+    );
     assert_eq!(again.ipcache, first.ipcache);
     assert_eq!(again.services, first.services);
 }
