@@ -58,7 +58,8 @@ pub fn run() -> Result<()> {
     validators()
 }
 
-/// Only what `cargo xtask validate` needs (part of `run` too).
+/// What `cargo xtask validate` needs: the Debian packages (shellcheck, python3-venv among
+/// them) and the validators' venv, without bpf-linker, the toolchain link or bpffs.
 pub fn validation_tools() -> Result<()> {
     step("setup (validators)");
     if !nix_is_root() {
