@@ -24,6 +24,12 @@ const PACKAGES: &[&str] = &[
     "iptables",
     // The lab's cluster DNS server; -base is the binary without the system service.
     "dnsmasq-base",
+    // The end-to-end benchmark: kube-router-style rules to compare against (ipset; nftables
+    // and conntrack to remove them and check what the node tracks) and iperf3 to measure.
+    "ipset",
+    "nftables",
+    "conntrack",
+    "iperf3",
     // `cargo xtask validate`: a venv for kubernetes-validate, and shellcheck.
     "python3-venv",
     "shellcheck",
