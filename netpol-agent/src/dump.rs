@@ -111,10 +111,17 @@ pub fn collect(
             .map(|hook| HookDump {
                 hook: hook.name(),
                 pinned: linked.contains(&ifindex),
-                programs: interface
-                    .as_deref()
-                    .and_then(|i| attach::attached(i, hook).ok())
-                    .unwrap_or_default(),
+                programs: match interface.as_deref().map(|i| attach::attached(i, hook)) {
+                    Some(Ok(programs)) => programs,
+                    // Without CAP_SYS_ADMIN the chain cannot be named; our pinned link can.
+                    Some(Err(_)) if linked.contains(&ifindex) => vec![AttachedProgram {
+                        id: 0,
+                        tag: "unknown (no CAP_SYS_ADMIN)".into(),
+                        name: hook.program().into(),
+                        ours: true,
+                    }],
+                    _ => Vec::new(),
+                },
             })
             .collect();
         endpoints.push(EndpointDump {

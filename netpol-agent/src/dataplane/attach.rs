@@ -128,6 +128,7 @@ impl Dataplane {
             hook: hook.name(),
             source: Box::new(source),
         };
+        let already_updated = self.updated.contains(&(ifindex, hook.name()));
         let program = self.program(name)?;
         let tag = format!(
             "{:016x}",
@@ -141,16 +142,23 @@ impl Dataplane {
         );
 
         if pin.exists() {
-            let ours: Vec<_> = attached(interface, hook)?
-                .into_iter()
-                .filter(|p| p.ours)
-                .collect();
+            // Naming the programs of a TCX chain takes CAP_SYS_ADMIN (program info by id),
+            // which the DaemonSet does not grant. Without it the pinned link is still ours and
+            // live (a deleted interface takes its endpoint, and so this call, with it), so it
+            // is updated in place: atomic, never a moment without a program.
+            let (ours, readable): (Vec<_>, bool) = match attached(interface, hook) {
+                Ok(programs) => (programs.into_iter().filter(|p| p.ours).collect(), true),
+                Err(_) => (Vec::new(), false),
+            };
             let pinned = PinnedLink::from_pin(&pin).map_err(|source| DataplaneError::Link {
                 path: pin.clone(),
                 source: Box::new(source),
             })?;
-            if let Some(current) = ours.first() {
-                if current.tag == tag {
+            if !ours.is_empty() || !readable {
+                if ours.first().is_some_and(|current| current.tag == tag) {
+                    return Ok(AttachOutcome::Adopted);
+                }
+                if !readable && already_updated {
                     return Ok(AttachOutcome::Adopted);
                 }
                 // Another build of the program: swap it atomically inside the same link.
@@ -164,6 +172,7 @@ impl Dataplane {
                 let id = program.attach_to_link(link).map_err(attach_err)?;
                 // The pin still names the same kernel link; dropping our handle keeps it.
                 drop(program.take_link(id).map_err(attach_err)?);
+                self.updated.insert((ifindex, hook.name()));
                 return Ok(AttachOutcome::Upgraded);
             }
             // Defunct: the interface it was made for is gone (or the index was reused).

@@ -142,6 +142,8 @@ pub struct LoadOptions {
 pub struct Dataplane {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Links this process updated to its own programs (where the chain could not be read).
+    updated: std::collections::BTreeSet<(u32, &'static str)>,
 }
 
 impl Dataplane {
@@ -187,6 +189,7 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             pins: pins.clone(),
+            updated: Default::default(),
         })
     }
 
