@@ -74,7 +74,14 @@ impl Harness {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let pins = PinDir::for_node(std::path::Path::new(dataplane::BPFFS), &node);
-        let dp = Dataplane::load(&pins).expect("loading the programs (needs root, BPF and bpffs)");
+        let dp = match Dataplane::load(&pins) {
+            Ok(dp) => dp,
+            Err(e) => {
+                // Maps may already be pinned: leave nothing behind before failing.
+                let _ = dataplane::reset(&pins);
+                panic!("loading the programs (needs root, BPF and bpffs): {e:?}");
+            }
+        };
         let mut snap = Snapshot::default();
         let mut errors = Vec::new();
         add_documents("cluster.yaml".as_ref(), CLUSTER, &mut snap, &mut errors);
