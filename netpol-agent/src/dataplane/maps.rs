@@ -116,6 +116,39 @@ fn write_lpm<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(())
 }
 
+/// When several endpoints change at once, each is first closed (isolated both ways with class
+/// 0, which no entry names: new flows are denied, tracked ones carry on), and only then given
+/// its new value. Endpoint writes are one at a time; without this, one endpoint's new rules
+/// could meet another's old ones (a's new open egress with c's old ingress that admitted a)
+/// and pass a flow that neither the old nor the new policy allows.
+fn close_changing_endpoints(
+    pins: &PinDir,
+    upsert: &BTreeMap<u32, EndpointInfo>,
+) -> Result<(), DataplaneError> {
+    use netpol_common::endpoint_flag::{ISOLATED_EGRESS, ISOLATED_INGRESS};
+    if upsert.len() < 2 {
+        return Ok(());
+    }
+    let err = map_err(pins, map_name::ENDPOINTS);
+    let mut map = hash::<u32, EndpointInfo>(pins, map_name::ENDPOINTS)?;
+    for (ifindex, new) in upsert {
+        match map.get(ifindex, 0) {
+            Ok(old) if old != *new => {
+                let closed = EndpointInfo {
+                    flags: old.flags | ISOLATED_INGRESS | ISOLATED_EGRESS,
+                    ingress_class: 0,
+                    egress_class: 0,
+                    ..old
+                };
+                map.insert(ifindex, closed, 0).map_err(&err)?;
+            }
+            Ok(_) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Applies a diff make-before-break: first every new entry the endpoints will point at, then
 /// the ipcache and endpoints, and only then the removals. A packet never meets an endpoint
 /// whose class entries are missing (which would deny what stays allowed). Service addresses
@@ -126,6 +159,7 @@ pub fn write(pins: &PinDir, diff: &MapDiff) -> Result<(), DataplaneError> {
     write_lpm(pins, map_name::CIDR, &up.cidr, None)?;
     write_lpm(pins, map_name::IPCACHE, &up.ipcache, None)?;
     write_hash(pins, map_name::SERVICES, &up.services, &rm.services)?;
+    close_changing_endpoints(pins, &up.endpoints)?;
     write_hash(pins, map_name::ENDPOINTS, &up.endpoints, &rm.endpoints)?;
     write_lpm(pins, map_name::IPCACHE, &BTreeMap::new(), Some(&rm.ipcache))?;
     write_lpm(pins, map_name::CIDR, &BTreeMap::new(), Some(&rm.cidr))?;
