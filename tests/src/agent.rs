@@ -26,6 +26,16 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// Packets of one (direction, reason) counter in a `dump -o json` (0 when absent).
+pub fn counter(dump: &serde_json::Value, direction: &str, reason: &str) -> u64 {
+    dump["counters"]
+        .as_array()
+        .expect("counters array")
+        .iter()
+        .find(|c| c["direction"] == direction && c["reason"] == reason)
+        .map_or(0, |c| c["packets"].as_u64().unwrap_or(0))
+}
+
 pub struct Agent<'a> {
     lab: &'a Lab,
     /// The node this agent runs on: its name in the lab options (`node-a`) and its Kubernetes

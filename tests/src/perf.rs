@@ -6,11 +6,9 @@
 //! sends traffic through, the machine's root namespace. Every process started here is stopped by
 //! its own PID.
 
-use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,46 +16,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::lab::{in_netns, nsenter_command};
 use nix::poll::{PollFd, PollFlags};
-use nix::sched::CloneFlags;
 
 /// How long one send, receive or connect may stall before the measurement fails: far above any
 /// round trip here, so it only fires when a policy drops the benchmark's own traffic.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Exchanges before the clock starts, so the first lookups and cache misses are not counted.
 const WARMUP: u32 = 200;
-
-fn netns_path(netns: &str) -> PathBuf {
-    PathBuf::from("/run/netns").join(netns)
-}
-
-/// Runs `f` on a fresh thread that has joined the named network namespace; sockets it creates
-/// stay in that namespace whichever thread uses them later.
-pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let path = netns_path(netns);
-    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || -> Result<T> {
-                nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("entering network namespace {netns}"))?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-/// `program` run inside the named network namespace (`nsenter --net`, which execs the program,
-/// so the child's PID is the program's own).
-pub fn netns_command(netns: &str, program: &str) -> Command {
-    let mut command = Command::new("nsenter");
-    command
-        .arg(format!("--net={}", netns_path(netns).display()))
-        .arg("--")
-        .arg(program);
-    command
-}
 
 /// The median and the range of a set of measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -346,7 +313,7 @@ pub fn iperf3(
 ) -> Result<Throughput> {
     let (ip, port, secs) = (ip.to_string(), port.to_string(), duration.as_secs().max(1));
     let mut listener = Reaped(
-        netns_command(server, "iperf3")
+        nsenter_command(server, "iperf3")
             .args(["-s", "-1", "-B", &ip, "-p", &port])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -357,7 +324,7 @@ pub fn iperf3(
     wait_listening(&mut listener.0, port.parse()?)
         .with_context(|| format!("iperf3 -s in {server}"))?;
 
-    let output = netns_command(client, "iperf3")
+    let output = nsenter_command(client, "iperf3")
         .args(["-c", &ip, "-p", &port, "-t", &secs.to_string(), "-J"])
         .args(["--connect-timeout", "2000"])
         .stdin(Stdio::null())

@@ -12,7 +12,7 @@ use std::{
 };
 
 use netpol_tests::{
-    agent::Agent,
+    agent::{counter, Agent},
     lab::{Lab, LabOptions, LabSpec, NameProbe, Probe, ProbeKind, ProbeOutcome},
 };
 
@@ -32,15 +32,6 @@ fn seed_policies() -> Vec<PathBuf> {
         .iter()
         .map(|p| repo(&format!("deploy/examples/{p}-policy.yaml")))
         .collect()
-}
-
-fn counter(dump: &serde_json::Value, direction: &str, reason: &str) -> u64 {
-    dump["counters"]
-        .as_array()
-        .expect("counters array")
-        .iter()
-        .find(|c| c["direction"] == direction && c["reason"] == reason)
-        .map_or(0, |c| c["packets"].as_u64().unwrap_or(0))
 }
 
 /// The seed's app with Services, plus `db-vip`, a ClusterIP Service in front of the database

@@ -5,7 +5,7 @@
 use std::{io::Write as _, time::Duration};
 
 use netpol_tests::{
-    agent::Agent,
+    agent::{counter, Agent},
     lab::{Lab, LabOptions, LabSpec, Probe, ProbeKind, ProbeOutcome},
     scenario::{probe_matrix, three_tier_expected},
 };
@@ -81,15 +81,6 @@ fn assert_open(outcome: ProbeOutcome, what: &str) {
 #[track_caller]
 fn assert_dropped(outcome: ProbeOutcome, what: &str) {
     assert_eq!(outcome, ProbeOutcome::TimedOut, "{what}: expected dropped");
-}
-
-fn counter(dump: &serde_json::Value, direction: &str, reason: &str) -> u64 {
-    dump["counters"]
-        .as_array()
-        .expect("counters array")
-        .iter()
-        .find(|c| c["direction"] == direction && c["reason"] == reason)
-        .map_or(0, |c| c["packets"].as_u64().unwrap_or(0))
 }
 
 const DENY_B_INGRESS: &str = r#"

@@ -94,18 +94,9 @@ pub fn pod(pod: &core::Pod) -> Result<(Option<Pod>, Vec<SourceError>), SourceErr
     for (ci, container) in spec.containers.iter().enumerate() {
         for (pi, port) in container.ports.iter().flatten().enumerate() {
             let field = format!("spec.containers[{ci}].ports[{pi}]");
-            let protocol = match port.protocol.as_deref() {
-                None => Protocol::Tcp,
-                Some(p) => match Protocol::parse(p) {
-                    Some(p) => p,
-                    None => {
-                        check.fail(
-                            format!("{field}.protocol"),
-                            format!("unknown protocol {p:?}"),
-                        );
-                        continue;
-                    }
-                },
+            let Some(protocol) = protocol_field(port.protocol.as_deref(), &field, &mut check)
+            else {
+                continue;
             };
             let Ok(number) = u16::try_from(port.container_port) else {
                 check.fail(format!("{field}.containerPort"), "out of range");

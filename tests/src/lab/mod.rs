@@ -36,6 +36,7 @@ mod topology;
 pub use access::LabNode;
 pub use dns::{CLUSTER_DOMAIN, DNS_NAMESPACE, DNS_POD, DNS_SERVICE};
 pub use name_probe::NameProbe;
+pub use netns::{in_netns, nsenter_command};
 pub use node::{Lab, LabPod};
 pub use options::{ClusterOptions, LabOptions, NodeOptions, NODE_NETWORK, NODE_NETWORK_V6};
 pub use probe::{Probe, ProbeKind, ProbeOutcome};
