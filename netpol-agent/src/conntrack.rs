@@ -51,18 +51,18 @@ pub fn still_allowed(
     let Some(pod) = pod_of.get(&key.ifindex) else {
         return false;
     };
-    let (dir, peer) = if value.dir == Direction::Ingress as u8 {
-        (Direction::Ingress, key.saddr)
-    } else {
-        (Direction::Egress, key.daddr)
+    let opened = key.opened(value.opened_dir());
+    let peer = match opened.dir {
+        Direction::Ingress => opened.saddr,
+        Direction::Egress => opened.daddr,
     };
     let flow = Flow {
         peer: addr_from_bytes(peer),
         proto: key.proto,
-        port: u16::from_be_bytes(key.dport),
+        port: u16::from_be_bytes(opened.dport),
     };
     compiled
-        .evaluate(pod, dir, flow)
+        .evaluate(pod, opened.dir, flow)
         .is_some_and(|verdict| verdict.allowed)
 }
 

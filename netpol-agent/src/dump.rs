@@ -388,8 +388,8 @@ pub struct FlowDump {
     pub state: &'static str,
     /// Seconds until the entry expires (negative: expired, waiting for reuse or GC).
     pub expires_in_s: i64,
-    pub packets_forward: u64,
-    pub packets_reply: u64,
+    /// The rule set that allowed the opening packet (0: not isolated, or from the node).
+    pub rule_set: u32,
 }
 
 pub use crate::dataplane::maps::monotonic_ns;
@@ -426,17 +426,14 @@ pub fn collect_conntrack(
                 },
                 |p| p.name().to_string(),
             );
+            let opened = key.opened(value.opened_dir());
             Some(FlowDump {
                 pod,
                 ifindex: key.ifindex,
-                direction: if value.dir == Direction::Ingress as u8 {
-                    "ingress"
-                } else {
-                    "egress"
-                },
+                direction: opened.dir.name(),
                 protocol,
-                source: addr(key.saddr, key.sport),
-                destination: addr(key.daddr, key.dport),
+                source: addr(opened.saddr, opened.sport),
+                destination: addr(opened.daddr, opened.dport),
                 state: match value.state {
                     tcp_state::SYN_SENT => "syn-sent",
                     tcp_state::ESTABLISHED => "established",
@@ -444,8 +441,7 @@ pub fn collect_conntrack(
                     _ => "-",
                 },
                 expires_in_s: (value.expires as i64 - now) / 1_000_000_000,
-                packets_forward: value.packets_fwd,
-                packets_reply: value.packets_rev,
+                rule_set: value.rule_set,
             })
         })
         .collect();
@@ -459,13 +455,13 @@ pub fn render_conntrack(flows: &[FlowDump]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>9}",
-        "POD", "OPENED", "PROTO", "SOURCE", "DESTINATION", "STATE", "TTL(s)", "PKTS f/r"
+        "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>8}",
+        "POD", "OPENED", "PROTO", "SOURCE", "DESTINATION", "STATE", "TTL(s)", "RULESET"
     );
     for f in flows {
         let _ = writeln!(
             s,
-            "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>9}",
+            "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>8}",
             f.pod.as_deref().unwrap_or("<unknown>"),
             f.direction,
             f.protocol,
@@ -473,7 +469,7 @@ pub fn render_conntrack(flows: &[FlowDump]) -> String {
             f.destination,
             f.state,
             f.expires_in_s,
-            format!("{}/{}", f.packets_forward, f.packets_reply)
+            f.rule_set
         );
     }
     let _ = writeln!(s, "{} flow(s)", flows.len());

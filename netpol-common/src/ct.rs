@@ -1,11 +1,12 @@
 //! Conntrack map types (`NP_CT`, an LRU hash).
 //!
 //! A flow is tracked per endpoint: the key holds the ifindex of the pod's host-side interface
-//! and the 5-tuple oriented as the packet that opened the flow was seen there. The same flow
-//! between two local pods therefore has two entries, one per endpoint, so each pod's own
-//! policy decides for it.
+//! and the flow's addresses and ports **pod side first**, whichever side opened it. Both
+//! directions of a flow therefore find its one entry with one lookup (no second lookup of the
+//! reversed tuple for replies), and the value says which direction opened it. The same flow
+//! between two local pods has two entries, one per endpoint, so each pod's own policy decides.
 
-use crate::Addr;
+use crate::{Addr, Direction};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -13,24 +14,43 @@ pub struct CtKey {
     pub ifindex: u32,
     pub proto: u8,
     pub _pad: [u8; 3],
+    /// The pod's address (source of what it sends).
+    pub pod_addr: Addr,
+    /// The other end: another pod, a ClusterIP before DNAT, the node, the world.
+    pub peer_addr: Addr,
+    /// Ports in network byte order; for ICMP echo both hold the echo identifier.
+    pub pod_port: [u8; 2],
+    pub peer_port: [u8; 2],
+}
+
+/// A tracked flow as the packet that opened it was seen: source and destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub dir: Direction,
     pub saddr: Addr,
     pub daddr: Addr,
-    /// Ports in network byte order; for ICMP echo both hold the echo identifier.
     pub sport: [u8; 2],
     pub dport: [u8; 2],
 }
 
 impl CtKey {
-    /// The key of the opposite direction of the same flow.
-    pub const fn reversed(&self) -> CtKey {
-        CtKey {
-            ifindex: self.ifindex,
-            proto: self.proto,
-            _pad: [0; 3],
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
+    /// The flow oriented as its opening packet, which went in direction `dir` (the value's).
+    pub const fn opened(&self, dir: Direction) -> Opened {
+        match dir {
+            Direction::Egress => Opened {
+                dir,
+                saddr: self.pod_addr,
+                daddr: self.peer_addr,
+                sport: self.pod_port,
+                dport: self.peer_port,
+            },
+            Direction::Ingress => Opened {
+                dir,
+                saddr: self.peer_addr,
+                daddr: self.pod_addr,
+                sport: self.peer_port,
+                dport: self.pod_port,
+            },
         }
     }
 }
@@ -69,15 +89,27 @@ pub struct CtValue {
     pub dir: u8,
     /// `tcp_state`.
     pub state: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
     /// Rule set that allowed the opening packet (0: not isolated or from host).
     pub rule_set: u32,
-    /// Packets seen in the opening and the reply direction.
-    pub packets_fwd: u64,
-    pub packets_rev: u64,
 }
 
+impl CtValue {
+    /// The direction of the packet that opened the flow.
+    pub const fn opened_dir(&self) -> Direction {
+        if self.dir == Direction::Ingress as u8 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        }
+    }
+}
+
+// No per-flow packet counters: a counter written by every packet makes the entry's cache line
+// bounce between the CPUs carrying the two directions (Cilium turns its accounting off by default
+// for the same reason). Per-verdict counts live in `NP_COUNTERS`. An established flow writes its
+// entry about once a second (`REFRESH_SLACK`), or when its TCP state changes.
 const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 44);
-    assert!(core::mem::size_of::<CtValue>() == 32);
+    assert!(core::mem::size_of::<CtValue>() == 16);
 };

@@ -1,13 +1,13 @@
 //! Per-endpoint connection tracking: the first allowed packet of a flow creates an entry;
 //! later packets in its direction and replies pass without a policy lookup.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use netpol_common::{
     ct::{lifetime, tcp_state, CtKey, CtValue},
     Direction, Reason,
 };
 
 use crate::{
+    clock::now,
     maps::CONNTRACK,
     parse::{Inner, Packet, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -19,68 +19,83 @@ pub enum Hit {
     Miss,
 }
 
-pub fn key(ifindex: u32, pkt: &Packet) -> CtKey {
-    CtKey {
-        ifindex,
-        proto: pkt.proto,
-        _pad: [0; 3],
-        saddr: pkt.src,
-        daddr: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-    }
-}
-
+/// The flow's key at this endpoint: pod side first, whichever way the packet goes.
 #[inline(always)]
-fn now() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+pub fn key(ifindex: u32, dir: Direction, pkt: &Packet) -> CtKey {
+    match dir {
+        Direction::Egress => CtKey {
+            ifindex,
+            proto: pkt.proto,
+            _pad: [0; 3],
+            pod_addr: pkt.src,
+            peer_addr: pkt.dst,
+            pod_port: pkt.sport,
+            peer_port: pkt.dport,
+        },
+        Direction::Ingress => CtKey {
+            ifindex,
+            proto: pkt.proto,
+            _pad: [0; 3],
+            pod_addr: pkt.dst,
+            peer_addr: pkt.src,
+            pod_port: pkt.dport,
+            peer_port: pkt.sport,
+        },
+    }
 }
 
-/// Looks the packet up in both orientations and refreshes the entry it belongs to.
+/// One lookup finds the flow whichever side opened it; the entry's direction says whether this
+/// packet goes the opening way or is a reply. A live entry is refreshed.
 pub fn lookup(key: &CtKey, dir: Direction, pkt: &Packet) -> Hit {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return Hit::Miss;
+    };
+    // SAFETY: LRU hash values stay valid for the program's run; racing writers only move
+    // `expires` and `state`, which are advisory (a lost update costs one more refresh).
+    let entry = unsafe { &mut *entry };
     let now = now();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: LRU hash values stay valid for the program's run; racing writers only
-        // move `expires` and counters, which are advisory.
-        let entry = unsafe { &mut *entry };
-        if entry.dir == dir as u8 && entry.expires > now {
-            refresh(entry, pkt, false, now);
-            return Hit::Established;
-        }
+    if entry.expires <= now {
+        return Hit::Miss;
     }
-    let reversed = key.reversed();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(reversed) {
-        // SAFETY: as above.
-        let entry = unsafe { &mut *entry };
-        if entry.dir == dir.opposite() as u8 && entry.expires > now {
-            refresh(entry, pkt, true, now);
-            return Hit::Reply;
-        }
+    let reply = entry.dir != dir as u8;
+    refresh(entry, pkt, reply, now);
+    if reply {
+        Hit::Reply
+    } else {
+        Hit::Established
     }
-    Hit::Miss
 }
 
 /// Whether an ICMP error quoting `inner` is about a live flow of this endpoint. The quote is
-/// the packet as its sender sent it: the opening direction when the error travels against it,
-/// or a reply when the error travels with it.
+/// the packet that caused the error, as its sender sent it: an error delivered to the pod quotes
+/// what the pod sent; an error the pod sends quotes what it received. Either way one lookup, pod
+/// side first.
 pub fn related(ifindex: u32, dir: Direction, inner: &Inner) -> bool {
-    let key = CtKey {
-        ifindex,
-        proto: inner.proto,
-        _pad: [0; 3],
-        saddr: inner.src,
-        daddr: inner.dst,
-        sport: inner.sport,
-        dport: inner.dport,
+    let key = match dir {
+        Direction::Ingress => CtKey {
+            ifindex,
+            proto: inner.proto,
+            _pad: [0; 3],
+            pod_addr: inner.src,
+            peer_addr: inner.dst,
+            pod_port: inner.sport,
+            peer_port: inner.dport,
+        },
+        Direction::Egress => CtKey {
+            ifindex,
+            proto: inner.proto,
+            _pad: [0; 3],
+            pod_addr: inner.dst,
+            peer_addr: inner.src,
+            pod_port: inner.dport,
+            peer_port: inner.sport,
+        },
     };
-    let now = now();
-    // SAFETY: plain-data values, read once.
-    let live = |key: &CtKey, opened: Direction| match unsafe { CONNTRACK.get(key) } {
-        Some(entry) => entry.dir == opened as u8 && entry.expires > now,
+    // SAFETY: plain-data value, read once.
+    match unsafe { CONNTRACK.get(&key) } {
+        Some(entry) => entry.expires > now(),
         None => false,
-    };
-    live(&key, dir.opposite()) || live(&key.reversed(), dir)
+    }
 }
 
 /// Tracks a new flow that policy allowed.
@@ -100,10 +115,8 @@ pub fn create(key: &CtKey, dir: Direction, pkt: &Packet, rule_set: u32) -> Resul
         expires: now + life,
         dir: dir as u8,
         state,
-        _pad: [0; 2],
+        _pad: 0,
         rule_set,
-        packets_fwd: 1,
-        packets_rev: 0,
     };
     CONNTRACK
         .insert(key, value, 0)
@@ -111,27 +124,24 @@ pub fn create(key: &CtKey, dir: Direction, pkt: &Packet, rule_set: u32) -> Resul
 }
 
 fn refresh(entry: &mut CtValue, pkt: &Packet, reply: bool, now: u64) {
-    if reply {
-        entry.packets_rev += 1;
-    } else {
-        entry.packets_fwd += 1;
-    }
-    let life = if pkt.proto != IPPROTO_TCP {
-        lifetime::NON_TCP
+    let (state, life) = if pkt.proto != IPPROTO_TCP {
+        (entry.state, lifetime::NON_TCP)
     } else if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        entry.state = tcp_state::CLOSING;
-        lifetime::TCP_CLOSING
+        (tcp_state::CLOSING, lifetime::TCP_CLOSING)
     } else if entry.state == tcp_state::CLOSING {
         // A closing flow never goes back to a long lifetime.
         return;
     } else if reply || entry.state == tcp_state::ESTABLISHED {
-        entry.state = tcp_state::ESTABLISHED;
-        lifetime::TCP_ESTABLISHED
+        (tcp_state::ESTABLISHED, lifetime::TCP_ESTABLISHED)
     } else {
-        lifetime::TCP_SYN
+        (entry.state, lifetime::TCP_SYN)
     };
+    // Write only what changes, and the expiry only when it moves noticeably or shrinks
+    // (closing): an established flow leaves its cache line clean on almost every packet.
+    if state != entry.state {
+        entry.state = state;
+    }
     let expires = now + life;
-    // Only write when the expiry moves noticeably, or shrinks (closing): fewer dirty lines.
     if expires < entry.expires || expires - entry.expires > lifetime::REFRESH_SLACK {
         entry.expires = expires;
     }

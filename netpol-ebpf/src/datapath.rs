@@ -65,7 +65,7 @@ fn track(ifindex: u32, ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Resul
     if pkt.has_related && conntrack::related(ifindex, dir, &pkt.related) {
         return Ok(Reason::Related);
     }
-    let key = conntrack::key(ifindex, pkt);
+    let key = conntrack::key(ifindex, dir, pkt);
     match conntrack::lookup(&key, dir, pkt) {
         Hit::Established => return Ok(Reason::Established),
         Hit::Reply => return Ok(Reason::Reply),

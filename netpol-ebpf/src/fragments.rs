@@ -2,10 +2,9 @@
 //! fragment of the same datagram (same endpoint, addresses, protocol and IP id) was passed.
 //! Fragments that arrive before their first are dropped where policy isolates: never a bypass.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use netpol_common::{ct::lifetime, FragKey, FragValue};
 
-use crate::{maps::FRAGMENTS, parse::Packet};
+use crate::{clock::now, maps::FRAGMENTS, parse::Packet};
 
 fn key(ifindex: u32, pkt: &Packet) -> FragKey {
     FragKey {
@@ -21,7 +20,7 @@ fn key(ifindex: u32, pkt: &Packet) -> FragKey {
 /// Remembers that the first fragment of this datagram was passed.
 pub fn record(ifindex: u32, pkt: &Packet) {
     // SAFETY: helper without arguments.
-    let expires = unsafe { bpf_ktime_get_ns() } + lifetime::FRAGMENT;
+    let expires = now() + lifetime::FRAGMENT;
     // A full LRU evicts the oldest datagram; failing to record only drops the later fragments.
     let _ = FRAGMENTS.insert(&key(ifindex, pkt), &FragValue { expires }, 0);
 }
@@ -30,7 +29,7 @@ pub fn record(ifindex: u32, pkt: &Packet) {
 pub fn known(ifindex: u32, pkt: &Packet) -> bool {
     // SAFETY: plain-data value, read once; helper without arguments.
     match unsafe { FRAGMENTS.get(&key(ifindex, pkt)) } {
-        Some(v) => v.expires > unsafe { bpf_ktime_get_ns() },
+        Some(v) => v.expires > now(),
         None => false,
     }
 }

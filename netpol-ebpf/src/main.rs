@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod conntrack;
 mod counters;
 mod datapath;

@@ -1,6 +1,7 @@
-//! Header parsing. Reads through `bpf_skb_load_bytes` (`TcContext::load`), so non-linear skbs
-//! parse the same as linear ones and every read is bounds-checked by the kernel: a short packet
-//! is a `Malformed` drop, never an out-of-bounds read.
+//! Header parsing. Headers are read straight from the packet's linear data when they are there
+//! (bounds-checked against `data_end`, which the verifier enforces), and through
+//! `bpf_skb_load_bytes` when they are not, so non-linear skbs parse the same as linear ones. A
+//! short packet is a `Malformed` drop, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{ipv4_mapped, Addr, Reason};
@@ -86,8 +87,15 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     }
 }
 
+/// `size_of::<T>()` bytes at `offset`: direct packet access when they are in the linear data
+/// (the common case: a pod's headers are linear), else the helper, which also reads fragments.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie before `data_end`, checked just above (and by the verifier).
+        return Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
     ctx.load::<T>(offset).map_err(|_| Reason::Malformed)
 }
 

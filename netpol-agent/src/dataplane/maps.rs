@@ -167,6 +167,17 @@ pub fn write(pins: &PinDir, diff: &MapDiff) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// Writes one endpoint's value (the CNI plugin closing a new pod's interface).
+pub fn write_endpoint(
+    pins: &PinDir,
+    ifindex: u32,
+    info: &EndpointInfo,
+) -> Result<(), DataplaneError> {
+    let mut map = hash::<u32, EndpointInfo>(pins, map_name::ENDPOINTS)?;
+    map.insert(ifindex, info, 0)
+        .map_err(map_err(pins, map_name::ENDPOINTS))
+}
+
 /// Packets and bytes per (direction, reason), summed over CPUs. Zero slots are left out.
 pub fn counters(pins: &PinDir) -> Result<BTreeMap<(Direction, Reason), Counter>, DataplaneError> {
     let err = map_err(pins, map_name::COUNTERS);
@@ -243,8 +254,8 @@ pub fn remove_expired_fragments(pins: &PinDir, now: u64) -> Result<usize, Datapl
     Ok(removed)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which conntrack and
-/// fragment expiries are written in.
+/// CLOCK_MONOTONIC in nanoseconds: the clock conntrack and fragment expiries are written in
+/// (the datapath reads it as of the last tick, `bpf_ktime_get_coarse_ns`, at most a tick behind).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
