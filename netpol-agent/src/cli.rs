@@ -35,6 +35,9 @@ pub enum Command {
     Gc(NodeArgs),
     /// Evaluate pod-to-pod reachability from the compiled map contents, and say why.
     Simulate(SimulateArgs),
+    /// Act as the chained CNI plugin (what the runtime runs as /opt/cni/bin/netpol-cni, a
+    /// copy of this binary): the call in CNI_* variables, the network config on stdin.
+    Cni,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -93,6 +96,14 @@ pub struct DatapathArgs {
     pub flush_denied: bool,
 }
 
+impl RunArgs {
+    pub fn cni_socket(&self) -> PathBuf {
+        self.cni_socket
+            .clone()
+            .unwrap_or_else(|| self.node.state_dir().join("cni.sock"))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Manifest files or directories to read instead of the Kubernetes API. Without them the
@@ -117,6 +128,14 @@ pub struct RunArgs {
     /// is the cluster's only CNI (KIND with the default CNI disabled).
     #[arg(long)]
     pub cni_conf_dir: Option<PathBuf>,
+    /// Kubernetes mode with --cni-conf-dir: copy this binary into this directory as
+    /// `netpol-cni`, the chained plugin the CNI configuration names (the host's /opt/cni/bin).
+    #[arg(long)]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Where the CNI plugin asks the agent to program a new pod now. Default:
+    /// <state-dir>/cni.sock.
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
     #[command(flatten)]
     pub datapath: DatapathArgs,
 }
@@ -147,7 +166,8 @@ pub struct DumpArgs {
     pub pod: Option<String>,
 }
 
-fn hostname() -> String {
+/// The kernel's hostname (the default node name).
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

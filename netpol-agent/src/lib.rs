@@ -4,12 +4,15 @@
 //! `reconcile` -> `dataplane` (the only module that touches the kernel through aya).
 
 pub mod cli;
+pub mod cni_pods;
+pub mod cni_socket;
 pub mod conntrack;
 pub mod dataplane;
 pub mod dump;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod plugin;
 pub mod policy;
 pub mod reconcile;
 pub mod serve;

@@ -10,10 +10,24 @@ use tracing::{error, warn};
 
 use netpol_agent::{
     cli::{self, ApplyArgs, Cli, Command, DumpArgs, NodeArgs, Output, SimulateArgs},
-    conntrack, dataplane, dump, policy, reconcile, simulate, source,
+    conntrack, dataplane, dump, plugin, policy, reconcile, simulate, source,
 };
 
+/// The name the CNI configuration gives the plugin: run as that, this binary is the plugin.
+const PLUGIN_NAME: &str = "netpol-cni";
+
 fn main() -> ExitCode {
+    let invoked_as = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&invoked_as).file_name() == Some(PLUGIN_NAME.as_ref()) {
+        // The runtime passes no arguments; stdout is the CNI result, logs go to stderr.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                std::env::var("NETPOL_LOG").unwrap_or_else(|_| "warn".into()),
+            ))
+            .with_writer(std::io::stderr)
+            .init();
+        return plugin::main();
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
@@ -26,6 +40,7 @@ fn main() -> ExitCode {
         Command::Dump(args) => dump(&args),
         Command::Gc(args) => gc(&args),
         Command::Simulate(args) => simulate_cmd(&args),
+        Command::Cni => return plugin::main(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -11,6 +12,7 @@ use std::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    cni_pods::{self, CniPodsError},
     conntrack,
     dataplane::{
         attach::{self, AttachOutcome},
@@ -28,6 +30,8 @@ use crate::{
 pub enum ReconcileError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error("the CNI plugin's pod records")]
+    CniPods(#[from] CniPodsError),
     #[error("writing names to {path}")]
     Names {
         path: String,
@@ -43,6 +47,9 @@ pub struct Report {
     pub enforced: Vec<(ObjectRef, String)>,
     /// Local pods whose interface was not found: not enforced yet.
     pub missing: Vec<ObjectRef>,
+    /// Interfaces the CNI plugin wired for a pod this pass could not enforce (not in the
+    /// snapshot, or not on this node yet): kept closed, with the pod's name and interface.
+    pub held: Vec<(ObjectRef, String)>,
     pub map_changes: usize,
     pub attached: usize,
     pub adopted: usize,
@@ -75,6 +82,25 @@ pub fn reconcile(
 ) -> Result<Report, ReconcileError> {
     let started = Instant::now();
     let mut report = Report::default();
+    // Held for the whole pass: the CNI plugin closes a new pod's interface under it, so the
+    // pass either sees its record or runs before the interface carries anything.
+    let _cni_lock = cni_pods::lock(state_dir)?;
+    let cni = cni_pods::live(state_dir)?;
+    let reported: BTreeMap<ObjectRef, Vec<IpAddr>> =
+        cni.iter().map(|p| (p.pod(), p.ips.clone())).collect();
+    let addressed;
+    let snapshot = if snapshot
+        .unaddressed
+        .iter()
+        .any(|p| reported.contains_key(&p.id))
+    {
+        let mut s = snapshot.clone();
+        s.adopt_addresses(&reported);
+        addressed = s;
+        &addressed
+    } else {
+        snapshot
+    };
     let host_addrs = host::addresses()?;
     let have = maps::read(dp.pins())?;
     // A process without the previous one's ids (a restart, a one-shot `apply`) takes them from
@@ -94,10 +120,19 @@ pub fn reconcile(
     let mut ifindex_of: BTreeMap<ObjectRef, u32> = BTreeMap::new();
     let mut interfaces: BTreeMap<u32, String> = BTreeMap::new();
     for (pod, ep) in &compiled.endpoints {
-        let found = ep.ips.iter().find_map(|ip| {
-            let route = host::longest_route(&routes, *ip)?;
-            Some((host::ifindex(&route.interface)?, route.interface.clone()))
-        });
+        let found = ep
+            .ips
+            .iter()
+            .find_map(|ip| {
+                let route = host::longest_route(&routes, *ip)?;
+                Some((host::ifindex(&route.interface)?, route.interface.clone()))
+            })
+            // No route yet (another CNI plugin's way): the interface its ADD reported.
+            .or_else(|| {
+                cni.iter()
+                    .find(|c| c.pod() == *pod)
+                    .map(|c| (c.ifindex, c.interface.clone()))
+            });
         match found {
             Some((ifindex, name)) => {
                 ifindex_of.insert(pod.clone(), ifindex);
@@ -111,7 +146,15 @@ pub fn reconcile(
         }
     }
 
-    let want = desired::map_contents(&compiled, &ifindex_of);
+    let mut want = desired::map_contents(&compiled, &ifindex_of);
+    // A wired interface with no pod enforced on it stays as the plugin left it: closed.
+    for c in &cni {
+        if let std::collections::btree_map::Entry::Vacant(slot) = want.endpoints.entry(c.ifindex) {
+            slot.insert(desired::closed_endpoint(&c.ips));
+            interfaces.insert(c.ifindex, c.interface.clone());
+            report.held.push((c.pod(), c.interface.clone()));
+        }
+    }
     let diff = desired::diff(&want, &have);
     report.map_changes = diff.changes();
     if !diff.is_empty() {
@@ -133,7 +176,14 @@ pub fn reconcile(
         report.flushed = conntrack::flush_denied(dp.pins(), &compiled, &ifindex_of)?;
     }
 
-    Names::new(node, &compiled, &ifindex_of)
+    let mut names = Names::new(node, &compiled, &ifindex_of);
+    for c in &cni {
+        names
+            .endpoints
+            .entry(c.ifindex)
+            .or_insert_with(|| c.pod().to_string());
+    }
+    names
         .write(state_dir)
         .map_err(|source| ReconcileError::Names {
             path: state_dir.display().to_string(),
@@ -150,6 +200,7 @@ pub fn reconcile(
         node,
         enforced = report.enforced.len(),
         missing = report.missing.len(),
+        held = report.held.len(),
         map_changes = report.map_changes,
         attached = report.attached,
         adopted = report.adopted,

@@ -1,8 +1,9 @@
 //! `netpol-agent run`: reconcile, then again whenever the source changes and at least every
 //! resync period. The source is manifest files (polled, debounced) or the Kubernetes API
 //! (reflectors; any event wakes the loop). Both feed the same path: snapshot -> reconcile.
-//! Serves `/metrics`, `/healthz`, `/readyz`. Exits on SIGINT/SIGTERM, leaving enforcement
-//! pinned in place for the next agent to adopt.
+//! A request from the CNI plugin on the unix socket (a pod just wired) wakes it too, and is
+//! answered once that pass is done. Serves `/metrics`, `/healthz`, `/readyz`. Exits on
+//! SIGINT/SIGTERM, leaving enforcement pinned in place for the next agent to adopt.
 
 use std::{
     fs,
@@ -14,16 +15,18 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::Notify,
+    sync::{mpsc, Notify},
 };
 use tracing::{error, info, warn};
 
 use netpol_agent::{
     cli::RunArgs,
+    cni_pods,
+    cni_socket::{self, Outcome, Pending, Reply},
     conntrack,
     dataplane::{Dataplane, PinDir},
     node::{cni, routes, NodeNet},
-    policy::{Allocation, Snapshot},
+    policy::{model::ObjectRef, Allocation, Snapshot},
     reconcile,
     serve::{self, Health},
     source::{self, kube::KubeSource},
@@ -128,6 +131,18 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     health.tick();
     let _server = start_server(args, &health, dp.pins().clone()).await;
+    // Kept here so the channel never closes, whether or not the socket could be bound.
+    let (cni_tx, mut cni_rx) = mpsc::channel::<Pending>(64);
+    let cni_socket = args.cni_socket();
+    let _cni_server = start_cni_server(&cni_socket, cni_tx.clone());
+    let plugin = netpol_agent::node::cni::PluginConf {
+        node_name: node.clone(),
+        bpffs: args.node.bpffs.clone(),
+        state_dir: state_dir.clone(),
+        socket: cni_socket.clone(),
+    };
+    // The configuration names the plugin, so it is written only once the plugin is in place.
+    let mut plugin_installed = args.cni_bin_dir.is_none();
 
     let mut source = if args.manifests.is_empty() {
         let client = kube::Client::try_default()
@@ -151,6 +166,8 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
     let mut allocation = Allocation::default();
     let mut last_pass = Instant::now() - resync;
     let mut woken = false;
+    // Pods the CNI plugin is waiting on, answered after the next pass.
+    let mut waiting: Vec<(ObjectRef, tokio::sync::oneshot::Sender<Reply>)> = Vec::new();
     loop {
         health.tick();
         if let Source::Kube { source, synced, .. } = &mut source {
@@ -169,12 +186,18 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
         if resync_due {
             gc(dp.pins());
         }
-        if woken || resync_due || source.files_changed() {
+        if woken || resync_due || !waiting.is_empty() || source.files_changed() {
+            let mut report = None;
             if let Some(snapshot) = source.snapshot().await {
                 if let (Some(dir), Source::Kube { source, .. }) = (&args.cni_conf_dir, &source) {
-                    pod_networking(&node, dir, &source.nodes());
+                    if !plugin_installed {
+                        plugin_installed = install_plugin(args.cni_bin_dir.as_deref());
+                    }
+                    if plugin_installed {
+                        pod_networking(&node, dir, &source.nodes(), &plugin);
+                    }
                 }
-                pass(
+                report = pass(
                     &mut dp,
                     &snapshot,
                     &node,
@@ -183,6 +206,10 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
                     opts,
                     &health,
                 );
+            }
+            for (pod, reply) in waiting.drain(..) {
+                // The plugin may have given up waiting: nothing to do then.
+                let _ = reply.send(cni_reply(&pod, report.as_ref()));
             }
             woken = false;
             last_pass = Instant::now();
@@ -196,12 +223,92 @@ async fn run_loop(args: &RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
             _ = wake => woken = true,
+            Some(first) = cni_rx.recv() => {
+                // Several pods started together: one pass for all of them.
+                let mut batch = vec![first];
+                while let Ok(more) = cni_rx.try_recv() {
+                    batch.push(more);
+                }
+                for (pod, reply) in batch {
+                    match cni_pods::write(&state_dir, &pod) {
+                        Ok(()) => {
+                            info!(pod = %pod.pod(), interface = %pod.interface, "CNI ADD: programming now");
+                            waiting.push((pod.pod(), reply));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Reply {
+                                outcome: Outcome::Held,
+                                message: format!("{:#}", anyhow::Error::from(e)),
+                            });
+                        }
+                    }
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
+    let _ = fs::remove_file(&cni_socket);
     info!(node, "stopping; enforcement stays pinned");
     Ok(())
+}
+
+/// What the plugin is told after a pass: the pod is enforced, or its interface stays closed.
+fn cni_reply(pod: &ObjectRef, report: Option<&reconcile::Report>) -> Reply {
+    let Some(report) = report else {
+        return Reply {
+            outcome: Outcome::Held,
+            message: "no pass ran (the source is not ready, or the pass failed)".into(),
+        };
+    };
+    if let Some((_, interface)) = report.enforced.iter().find(|(p, _)| p == pod) {
+        return Reply {
+            outcome: Outcome::Programmed,
+            message: format!("enforced on {interface}"),
+        };
+    }
+    Reply {
+        outcome: Outcome::Held,
+        message: "the agent does not know the pod on this node yet".into(),
+    }
+}
+
+/// Binds the CNI socket; a failure is reported and the plugin's pods wait for the next pass.
+fn start_cni_server(
+    path: &std::path::Path,
+    requests: mpsc::Sender<Pending>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match cni_socket::bind(path) {
+        Ok(listener) => {
+            info!(socket = %path.display(), "serving the CNI plugin");
+            Some(tokio::spawn(cni_socket::serve(listener, requests)))
+        }
+        Err(e) => {
+            error!(socket = %path.display(), error = %e, "cannot serve the CNI plugin");
+            None
+        }
+    }
+}
+
+/// Copies this binary into the CNI bin directory as the plugin. Returns whether it is there.
+fn install_plugin(bin_dir: Option<&std::path::Path>) -> bool {
+    let Some(bin_dir) = bin_dir else {
+        return true;
+    };
+    let installed = std::env::current_exe()
+        .and_then(|exe| netpol_agent::node::cni::install_plugin(&exe, bin_dir));
+    match installed {
+        Ok(wrote) => {
+            if wrote {
+                info!(dir = %bin_dir.display(), "CNI plugin installed");
+            }
+            true
+        }
+        Err(e) => {
+            error!(dir = %bin_dir.display(), error = %e, "installing the CNI plugin failed; no CNI configuration until it works");
+            false
+        }
+    }
 }
 
 /// One reconcile, recorded for `/metrics` and `/readyz`.
@@ -213,7 +320,7 @@ fn pass(
     allocation: &mut Allocation,
     opts: reconcile::Options,
     health: &Health,
-) {
+) -> Option<reconcile::Report> {
     match reconcile::reconcile(dp, snapshot, node, state_dir, allocation, opts) {
         Ok(report) => {
             for w in &report.warnings {
@@ -223,11 +330,13 @@ fn pass(
                 .stats
                 .record_success(report.duration, report.map_changes);
             health.ready.store(true, Ordering::Relaxed);
-            *allocation = report.allocation;
+            *allocation = report.allocation.clone();
+            Some(report)
         }
         Err(e) => {
             health.stats.record_failure();
             error!("reconcile failed, will retry: {:#}", anyhow::Error::from(e));
+            None
         }
     }
 }
@@ -250,6 +359,7 @@ fn pod_networking(
     node: &str,
     dir: &std::path::Path,
     nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    plugin: &cni::PluginConf,
 ) {
     let nets: Vec<NodeNet> = nodes
         .iter()
@@ -262,7 +372,7 @@ fn pod_networking(
         })
         .collect();
     match nets.iter().find(|n| n.name == node) {
-        Some(me) if !me.pod_cidrs.is_empty() => match cni::install(dir, &me.pod_cidrs) {
+        Some(me) if !me.pod_cidrs.is_empty() => match cni::install(dir, &me.pod_cidrs, plugin) {
             Ok(true) => {
                 info!(node, dir = %dir.display(), cidrs = ?me.pod_cidrs, "CNI configuration written")
             }

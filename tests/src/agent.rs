@@ -152,6 +152,22 @@ impl<'a> Agent<'a> {
             .context("spawning netpol-agent run")
     }
 
+    /// `spawn_run` with extra flags (e.g. `--resync-s 1`), logging at `info` into `log`.
+    pub fn spawn_run_with(&self, extra: &[&str], log: &Path) -> Result<std::process::Child> {
+        let log = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        self.base("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--poll-ms", "100"])
+            .args(extra)
+            .env("NETPOL_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning netpol-agent run")
+    }
+
     /// `spawn_run` logging at `info`, uncoloured, on a pipe (the child's stderr), so a test
     /// can read what each pass did (its `reconciled ... map_changes=0 attached=0` line). The
     /// caller reads the pipe and stops the process by PID.
@@ -217,6 +233,38 @@ impl<'a> Agent<'a> {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The agent's `--state-dir` (names, allocations, the CNI plugin's records and socket).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The node's Kubernetes name (`--node-name`).
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// The agent binary as the runtime runs netpol's plugin: `<dir>/netpol-cni` (a link to the
+    /// binary: the name selects the plugin), with the conflist entry the agent writes for this
+    /// node (its pin directory through the node name, its state directory and its socket).
+    pub fn cni_plugin(&self) -> Result<crate::lab::ChainedPlugin> {
+        let dir = self.lab.state_dir().join("cni-bin");
+        fs::create_dir_all(&dir)?;
+        let path = dir.join("netpol-cni");
+        if !path.exists() {
+            std::os::unix::fs::symlink(&self.bin, &path)
+                .with_context(|| format!("linking {}", path.display()))?;
+        }
+        Ok(crate::lab::ChainedPlugin {
+            path,
+            conf: serde_json::json!({
+                "type": "netpol-cni",
+                "nodeName": self.node_name,
+                "stateDir": self.state_dir,
+                "socket": self.state_dir.join("cni.sock"),
+            }),
+        })
     }
 
     /// The node's pin directory (what `reset` must remove).

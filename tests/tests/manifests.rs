@@ -160,6 +160,8 @@ fn netpol_daemonset_runs_as_a_cni_with_least_privilege() {
     };
     assert_eq!(flag("--listen"), Some("0.0.0.0:9464"));
     assert_eq!(flag("--cni-conf-dir"), Some("/host/etc/cni/net.d"));
+    // The agent installs its chained CNI plugin (itself) where the runtime finds plugins.
+    assert_eq!(flag("--cni-bin-dir"), Some("/host/opt/cni/bin"));
     // The default of every other subcommand, so `kubectl exec ... netpol-agent dump` finds it.
     assert_eq!(flag("--state-dir"), Some("/run/netpol/$(NODE_NAME)"));
 
@@ -190,8 +192,9 @@ fn netpol_daemonset_runs_as_a_cni_with_least_privilege() {
         );
     }
 
-    // Host paths: exactly bpffs, the CNI configuration directory and the state directory,
-    // mounted where the agent looks; no Bidirectional propagation (privileged only).
+    // Host paths: exactly bpffs, the CNI configuration and plugin directories and the state
+    // directory (which holds the CNI socket), mounted where the agent looks; no Bidirectional
+    // propagation (privileged only).
     let volumes: BTreeMap<String, String> = spec
         .volumes
         .unwrap_or_default()
@@ -219,6 +222,7 @@ fn netpol_daemonset_runs_as_a_cni_with_least_privilege() {
     let want: BTreeMap<String, String> = [
         ("/sys/fs/bpf", "/sys/fs/bpf"),
         ("/etc/cni/net.d", "/host/etc/cni/net.d"),
+        ("/opt/cni/bin", "/host/opt/cni/bin"),
         ("/run/netpol", "/run/netpol"),
     ]
     .iter()

@@ -166,7 +166,25 @@ pub fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
     if ep.egress.isolated {
         info.flags |= endpoint_flag::ISOLATED_EGRESS;
     }
-    for ip in &ep.ips {
+    set_addresses(&mut info, &ep.ips);
+    info
+}
+
+/// The `NP_ENDPOINTS` value of a pod whose policy is not known yet: isolated both ways with
+/// class 0, which no policy entry names (the compiler numbers classes from 1), so every new
+/// flow is denied; its own addresses only, so nothing it spoofs gets out either.
+pub fn closed_endpoint(ips: &[IpAddr]) -> EndpointInfo {
+    let mut info = EndpointInfo {
+        flags: endpoint_flag::ISOLATED_INGRESS | endpoint_flag::ISOLATED_EGRESS,
+        ..Default::default()
+    };
+    set_addresses(&mut info, ips);
+    info
+}
+
+/// The first address of each family, for anti-spoofing.
+fn set_addresses(info: &mut EndpointInfo, ips: &[IpAddr]) {
+    for ip in ips {
         match ip {
             IpAddr::V4(v4) if info.flags & endpoint_flag::HAS_IPV4 == 0 => {
                 info.flags |= endpoint_flag::HAS_IPV4;
@@ -179,7 +197,6 @@ pub fn endpoint_info(ep: &Endpoint) -> EndpointInfo {
             _ => {}
         }
     }
-    info
 }
 
 fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {

@@ -213,7 +213,12 @@ pub struct Backend {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods with an address: the only ones the compiler sees.
     pub pods: Vec<Pod>,
+    /// Pods the source lists without an address yet (the API reports it after the sandbox is
+    /// wired). They take part in nothing until [`Snapshot::adopt_addresses`] gives them the
+    /// addresses their CNI ADD reported.
+    pub unaddressed: Vec<Pod>,
     pub policies: Vec<Policy>,
     pub services: Vec<Service>,
     /// Ready backends per (Service, port name, protocol), from EndpointSlices.
@@ -221,6 +226,31 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Files a converted pod with the pods or, without an address, with the unaddressed.
+    pub fn add_pod(&mut self, pod: Pod) {
+        if pod.ips.is_empty() {
+            self.unaddressed.push(pod);
+        } else {
+            self.pods.push(pod);
+        }
+    }
+
+    /// Gives each unaddressed pod the addresses its CNI ADD reported, so it is enforced (and a
+    /// peer) from its first packet rather than once the API reports its address. A pod the
+    /// source lists with addresses keeps its own. Returns how many pods it addressed.
+    pub fn adopt_addresses(&mut self, reported: &BTreeMap<ObjectRef, Vec<IpAddr>>) -> usize {
+        let (adopted, waiting): (Vec<Pod>, Vec<Pod>) = std::mem::take(&mut self.unaddressed)
+            .into_iter()
+            .partition(|p| reported.get(&p.id).is_some_and(|ips| !ips.is_empty()));
+        self.unaddressed = waiting;
+        let count = adopted.len();
+        for mut pod in adopted {
+            pod.ips = reported[&pod.id].clone();
+            self.pods.push(pod);
+        }
+        count
+    }
+
     /// The ready backends of a Service port (none when no EndpointSlice lists any).
     pub fn backends_of(&self, port: &ServicePort) -> impl Iterator<Item = &Backend> {
         self.backends
@@ -235,5 +265,60 @@ impl Snapshot {
             Some(ns) => ns.labels.clone(),
             None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ips: &[&str]) -> Pod {
+        Pod {
+            id: ObjectRef::new("ns", name),
+            labels: Labels::new(),
+            node_name: Some("n1".into()),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            host_network: false,
+            ports: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn reported_addresses_go_only_to_pods_the_source_lists_without_one() {
+        let mut snap = Snapshot::default();
+        snap.add_pod(pod("listed", &["10.0.0.2"]));
+        snap.add_pod(pod("new", &[]));
+        snap.add_pod(pod("other", &[]));
+        assert_eq!(snap.pods.len(), 1);
+        assert_eq!(snap.unaddressed.len(), 2);
+        let reported = BTreeMap::from([
+            (
+                ObjectRef::new("ns", "listed"),
+                vec!["10.0.0.9".parse().unwrap()],
+            ),
+            (
+                ObjectRef::new("ns", "new"),
+                vec!["10.0.0.3".parse().unwrap()],
+            ),
+            (
+                ObjectRef::new("ns", "gone"),
+                vec!["10.0.0.4".parse().unwrap()],
+            ),
+        ]);
+        assert_eq!(snap.adopt_addresses(&reported), 1);
+        let ips = |name: &str| {
+            snap.pods
+                .iter()
+                .find(|p| p.id.name == name)
+                .map(|p| p.ips.clone())
+        };
+        assert_eq!(
+            ips("listed"),
+            Some(vec!["10.0.0.2".parse().unwrap()]),
+            "the source wins"
+        );
+        assert_eq!(ips("new"), Some(vec!["10.0.0.3".parse().unwrap()]));
+        assert_eq!(ips("other"), None, "no report: still waiting");
+        assert_eq!(snap.unaddressed.len(), 1);
     }
 }

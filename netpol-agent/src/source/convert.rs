@@ -64,7 +64,8 @@ fn object_ref(meta: &meta::ObjectMeta, kind: &'static str) -> Result<ObjectRef, 
     Ok(ObjectRef::new(namespace, name))
 }
 
-/// A pod, or `None` when it has no address yet or has terminated (its address may be reused).
+/// A pod, or `None` when it has terminated (its address may be reused). A pod with no address
+/// yet is returned with none (`Snapshot::add_pod` keeps it aside).
 /// Field errors in container ports drop that port and are reported.
 pub fn pod(pod: &core::Pod) -> Result<(Option<Pod>, Vec<SourceError>), SourceError> {
     let id = object_ref(&pod.metadata, "Pod")?;
@@ -110,9 +111,6 @@ pub fn pod(pod: &core::Pod) -> Result<(Option<Pod>, Vec<SourceError>), SourceErr
         }
     }
     let errors = check.errors;
-    if ips.is_empty() {
-        return Ok((None, errors));
-    }
     let model = Pod {
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         node_name: spec.node_name,

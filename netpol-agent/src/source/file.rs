@@ -135,7 +135,9 @@ fn add_object(
             Ok(pod) => match convert::pod(&pod) {
                 Ok((model, problems)) => {
                     errors.extend(problems);
-                    snapshot.pods.extend(model);
+                    if let Some(pod) = model {
+                        snapshot.add_pod(pod);
+                    }
                 }
                 Err(e) => errors.push(e),
             },

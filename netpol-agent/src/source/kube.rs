@@ -94,7 +94,9 @@ impl KubeSource {
             match convert::pod(&pod) {
                 Ok((model, problems)) => {
                     errors.extend(problems);
-                    snapshot.pods.extend(model);
+                    if let Some(pod) = model {
+                        snapshot.add_pod(pod);
+                    }
                 }
                 Err(e) => errors.push(e),
             }
@@ -130,6 +132,7 @@ impl KubeSource {
         }
         // Store order is a hash order: sort so equal clusters give equal snapshots.
         snapshot.pods.sort_by(|a, b| a.id.cmp(&b.id));
+        snapshot.unaddressed.sort_by(|a, b| a.id.cmp(&b.id));
         snapshot.policies.sort_by(|a, b| a.id.cmp(&b.id));
         snapshot.services.sort_by(|a, b| a.id.cmp(&b.id));
         (snapshot, errors)

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +30,27 @@ pub struct CniNetwork {
 pub struct Attachment {
     pub container_id: String,
     pub pod_netns: String,
+}
+
+/// A plugin chained after ptp, run the way a runtime runs a conflist's later entries: its own
+/// configuration entry plus the conflist's `cniVersion` and `name`, and the previous plugin's
+/// result as `prevResult`.
+#[derive(Debug, Clone)]
+pub struct ChainedPlugin {
+    /// The executable (a runtime runs `<CNI_PATH>/<type>`).
+    pub path: PathBuf,
+    /// The plugin's entry in the conflist (`type` and its own fields).
+    pub conf: serde_json::Value,
+}
+
+/// What a chained ADD printed: the last plugin's result and what it logged.
+#[derive(Debug, Clone)]
+pub struct ChainedAdd {
+    pub addresses: PodAddresses,
+    pub result: serde_json::Value,
+    /// ptp's result, which a pass-through plugin must print back.
+    pub prev_result: serde_json::Value,
+    pub stderr: String,
 }
 
 /// The addresses CNI ADD gave a pod: always IPv4, IPv6 too on a dual-stack network.
@@ -89,36 +110,183 @@ impl CniNetwork {
 
     /// ADD: brings up lo, then eth0 with addresses from the pod CIDRs, which it returns.
     pub fn add(&self, node_netns: &str, pod: &Attachment) -> Result<PodAddresses> {
-        invoke("loopback", "ADD", &self.loopback, node_netns, pod, "lo")?;
-        let stdout = invoke("ptp", "ADD", &self.ptp, node_netns, pod, "eth0")?;
-        parse_pod_ips(&stdout).with_context(|| format!("ptp result for {}", pod.pod_netns))
+        invoke(
+            &Call::reference("loopback", "ADD", &self.loopback, "lo"),
+            node_netns,
+            pod,
+        )?;
+        let stdout = invoke(
+            &Call::reference("ptp", "ADD", &self.ptp, "eth0"),
+            node_netns,
+            pod,
+        )?;
+        parse_pod_ips(&stdout.stdout).with_context(|| format!("ptp result for {}", pod.pod_netns))
     }
 
     /// DEL in the reverse order of ADD; both are attempted even if the first fails.
     pub fn del(&self, node_netns: &str, pod: &Attachment) -> Result<()> {
-        let ptp = invoke("ptp", "DEL", &self.ptp, node_netns, pod, "eth0");
-        let loopback = invoke("loopback", "DEL", &self.loopback, node_netns, pod, "lo");
+        let ptp = invoke(
+            &Call::reference("ptp", "DEL", &self.ptp, "eth0"),
+            node_netns,
+            pod,
+        );
+        let loopback = invoke(
+            &Call::reference("loopback", "DEL", &self.loopback, "lo"),
+            node_netns,
+            pod,
+        );
         ptp.and(loopback).map(drop)
+    }
+
+    /// ADD through the chain `ptp, plugin` for a Kubernetes pod (`K8S_POD_*` in `CNI_ARGS`, as
+    /// the kubelet passes them): ptp's result is the plugin's `prevResult`.
+    pub fn add_chained(
+        &self,
+        node_netns: &str,
+        pod: &Attachment,
+        k8s_pod: (&str, &str),
+        plugin: &ChainedPlugin,
+    ) -> Result<ChainedAdd> {
+        let args = cni_args(k8s_pod);
+        invoke(
+            &Call::reference("loopback", "ADD", &self.loopback, "lo"),
+            node_netns,
+            pod,
+        )?;
+        let ptp = Call {
+            args: Some(&args),
+            ..Call::reference("ptp", "ADD", &self.ptp, "eth0")
+        };
+        let ptp = invoke(&ptp, node_netns, pod)?;
+        let prev_result: serde_json::Value =
+            serde_json::from_slice(&ptp.stdout).context("decoding ptp's result")?;
+        let conf = self.chained_conf(plugin, Some(&prev_result))?;
+        let out = invoke(
+            &Call {
+                path: plugin.path.clone(),
+                command: "ADD",
+                config: &conf,
+                ifname: "eth0",
+                args: Some(&args),
+            },
+            node_netns,
+            pod,
+        )?;
+        let result = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "decoding the result of {}: {}",
+                plugin.path.display(),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+        Ok(ChainedAdd {
+            addresses: parse_pod_ips(&out.stdout)
+                .with_context(|| format!("chained result for {}", pod.pod_netns))?,
+            result,
+            prev_result,
+            stderr: out.stderr,
+        })
+    }
+
+    /// DEL through the chain in reverse: the plugin, then ptp and loopback; all are attempted.
+    pub fn del_chained(
+        &self,
+        node_netns: &str,
+        pod: &Attachment,
+        k8s_pod: (&str, &str),
+        plugin: &ChainedPlugin,
+    ) -> Result<()> {
+        let args = cni_args(k8s_pod);
+        let first = self.chained_conf(plugin, None).and_then(|conf| {
+            invoke(
+                &Call {
+                    path: plugin.path.clone(),
+                    command: "DEL",
+                    config: &conf,
+                    ifname: "eth0",
+                    args: Some(&args),
+                },
+                node_netns,
+                pod,
+            )
+        });
+        let rest = self.del(node_netns, pod);
+        first.and(rest)
+    }
+
+    /// The plugin's configuration as a runtime hands it over.
+    fn chained_conf(
+        &self,
+        plugin: &ChainedPlugin,
+        prev_result: Option<&serde_json::Value>,
+    ) -> Result<String> {
+        let mut conf = plugin.conf.clone();
+        let object = conf
+            .as_object_mut()
+            .context("a chained plugin's entry is a JSON object")?;
+        object.insert("cniVersion".into(), CNI_VERSION.into());
+        object.insert("name".into(), "netpol-lab".into());
+        if let Some(prev) = prev_result {
+            object.insert("prevResult".into(), prev.clone());
+        }
+        Ok(conf.to_string())
     }
 }
 
-fn invoke(
-    plugin: &str,
-    command: &str,
-    config: &str,
-    node_netns: &str,
-    pod: &Attachment,
-    ifname: &str,
-) -> Result<Vec<u8>> {
-    let plugin_path = Path::new(PLUGIN_DIR).join(plugin);
-    let mut child: Command = nsenter_command(node_netns, &plugin_path.to_string_lossy());
-    let mut child = child
+/// `CNI_ARGS` as the kubelet sets them.
+fn cni_args((namespace, name): (&str, &str)) -> String {
+    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}")
+}
+
+/// One plugin call.
+struct Call<'a> {
+    path: PathBuf,
+    command: &'a str,
+    config: &'a str,
+    ifname: &'a str,
+    /// `CNI_ARGS`, or none at all.
+    args: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    /// A reference plugin from the Debian package.
+    fn reference(plugin: &str, command: &'a str, config: &'a str, ifname: &'a str) -> Call<'a> {
+        Call {
+            path: Path::new(PLUGIN_DIR).join(plugin),
+            command,
+            config,
+            ifname,
+            args: None,
+        }
+    }
+}
+
+struct Output {
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+fn invoke(call: &Call<'_>, node_netns: &str, pod: &Attachment) -> Result<Output> {
+    let Call {
+        path,
+        command,
+        config,
+        ifname,
+        args,
+    } = call;
+    let plugin = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut child: Command = nsenter_command(node_netns, &path.to_string_lossy());
+    child
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", &pod.container_id)
         .env("CNI_NETNS", netns_path(&pod.pod_netns))
         .env("CNI_IFNAME", ifname)
-        .env("CNI_PATH", PLUGIN_DIR)
-        .env_remove("CNI_ARGS")
+        .env("CNI_PATH", PLUGIN_DIR);
+    match args {
+        Some(args) => child.env("CNI_ARGS", args),
+        None => child.env_remove("CNI_ARGS"),
+    };
+    let mut child = child
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -143,7 +311,10 @@ fn invoke(
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(output.stdout)
+    Ok(Output {
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
 }
 
 fn parse_pod_ips(stdout: &[u8]) -> Result<PodAddresses> {

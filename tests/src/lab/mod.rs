@@ -12,9 +12,11 @@
 //! naming and the on-disk record; `netns`, `cni` and `topology` create and wire namespaces;
 //! `services`, `kube_proxy`, `dns`, `dnsmasq` and `etc_netns` are the control plane's part;
 //! `server`, `probe` and `name_probe` move the traffic; `manifests` writes what an API server
-//! would hold; `node` builds and tears down a [`Lab`], `access` is what tests do with one.
+//! would hold; `node` builds and tears down a [`Lab`], `access` is what tests do with one;
+//! `chained` adds pods to a running lab through a chained CNI configuration.
 
 mod access;
+mod chained;
 mod cni;
 mod dns;
 mod dnsmasq;
@@ -34,6 +36,7 @@ mod state;
 mod topology;
 
 pub use access::LabNode;
+pub use chained::{ChainedAdd, ChainedPlugin, ChainedPod};
 pub use dns::{CLUSTER_DOMAIN, DNS_NAMESPACE, DNS_POD, DNS_SERVICE};
 pub use name_probe::NameProbe;
 pub use netns::{in_netns, nsenter_command};

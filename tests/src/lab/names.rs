@@ -40,6 +40,15 @@ impl LabNames {
         format!("{}-p{index}", self.netns_prefix)
     }
 
+    /// A pod added after the lab started (see `chained`), numbered on its own.
+    pub fn chained_pod_netns(&self, n: u32) -> String {
+        format!("{}-c{n}", self.netns_prefix)
+    }
+
+    pub fn chained_container_id(&self, n: u32) -> String {
+        format!("{}-c{n}", self.id)
+    }
+
     /// The CNI container id of a pod; unique so IPAM reservations never collide between labs.
     pub fn container_id(&self, index: usize) -> String {
         format!("{}-p{index}", self.id)

@@ -38,7 +38,7 @@ pub struct LabPod {
 pub(super) struct Node {
     pub plan: NodePlan,
     pub netns: String,
-    network: CniNetwork,
+    pub(super) network: CniNetwork,
 }
 
 pub struct Lab {
@@ -47,7 +47,7 @@ pub struct Lab {
     pub(super) probe_timeout: Duration,
     pub(super) resolve_timeout: Duration,
     pub(super) dns: bool,
-    dual_stack: bool,
+    pub(super) dual_stack: bool,
     pub(super) nodes: Vec<Node>,
     pub(super) pods: Vec<LabPod>,
     pub(super) services: Vec<LabService>,
