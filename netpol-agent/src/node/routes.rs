@@ -60,25 +60,35 @@ pub struct SyncReport {
     pub removed: usize,
 }
 
+/// What turns `have` into `want`: routes to replace (new, or a node's new address), and
+/// routes to delete. A destination still wanted is never deleted: `replace` already moved it
+/// to its new gateway, and deleting the old gateway's route would find nothing.
+pub fn changes<'a>(want: &'a [Route], have: &'a [Route]) -> (Vec<&'a Route>, Vec<&'a Route>) {
+    let replace = want.iter().filter(|r| !have.contains(r)).collect();
+    let remove = have
+        .iter()
+        .filter(|r| !want.iter().any(|w| w.dst == r.dst))
+        .collect();
+    (replace, remove)
+}
+
 /// Makes netpol's routes in the current network namespace exactly `want`.
 pub fn sync(want: &[Route]) -> Result<SyncReport, RouteError> {
     let have = installed()?;
-    let mut report = SyncReport::default();
-    for route in want {
-        if !have.contains(route) {
-            let proto = RTPROT_NETPOL.to_string();
-            let (dst, via) = (route.dst.to_string(), route.via.to_string());
-            ip(&["route", "replace", &dst, "via", &via, "proto", &proto])?;
-            report.replaced += 1;
-        }
+    let (replace, remove) = changes(want, &have);
+    let proto = RTPROT_NETPOL.to_string();
+    for route in &replace {
+        let (dst, via) = (route.dst.to_string(), route.via.to_string());
+        ip(&["route", "replace", &dst, "via", &via, "proto", &proto])?;
     }
-    for route in have.iter().filter(|r| !want.contains(r)) {
-        let proto = RTPROT_NETPOL.to_string();
+    for route in &remove {
         let (dst, via) = (route.dst.to_string(), route.via.to_string());
         ip(&["route", "del", &dst, "via", &via, "proto", &proto])?;
-        report.removed += 1;
     }
-    Ok(report)
+    Ok(SyncReport {
+        replaced: replace.len(),
+        removed: remove.len(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -139,6 +149,34 @@ mod tests {
             pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn a_moved_node_is_replaced_not_deleted() {
+        let r = |dst: &str, via: &str| Route {
+            dst: dst.parse().unwrap(),
+            via: via.parse().unwrap(),
+        };
+        let have = [
+            r("10.244.1.0/24", "172.18.0.3"),
+            r("10.244.2.0/24", "172.18.0.4"),
+        ];
+        let want = [
+            r("10.244.1.0/24", "172.18.0.9"),
+            r("10.244.3.0/24", "172.18.0.5"),
+        ];
+        let (replace, remove) = changes(&want, &have);
+        assert_eq!(replace, [&want[0], &want[1]]);
+        assert_eq!(
+            remove,
+            [&have[1]],
+            "10.244.1.0/24 is moved by replace, not deleted"
+        );
+        let (replace, remove) = changes(&want, &want);
+        assert!(
+            replace.is_empty() && remove.is_empty(),
+            "in sync: nothing to do"
+        );
     }
 
     #[test]
