@@ -8,6 +8,7 @@
 
 pub mod attach;
 pub mod host;
+pub mod layout;
 pub mod maps;
 
 use std::{
@@ -148,7 +149,8 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads and verifies both programs. Existing pinned maps are reused as they are, so their
-    /// contents (and conntrack) survive; missing ones are created and pinned.
+    /// contents (and conntrack) survive; missing ones are created and pinned, and so are those
+    /// whose pin has another build's layout (see `layout`).
     pub fn load(pins: &PinDir) -> Result<Self, DataplaneError> {
         Self::load_with(pins, &LoadOptions::default())
     }
@@ -162,6 +164,14 @@ impl Dataplane {
                 path: dir.clone(),
                 source: Box::new(source),
             })?;
+        }
+        for r in layout::replace_incompatible(pins)? {
+            tracing::warn!(
+                map = r.name,
+                found = ?r.found,
+                expected = ?r.expected,
+                "a pinned map has another build's layout: replaced by an empty one"
+            );
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps());

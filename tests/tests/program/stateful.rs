@@ -298,3 +298,53 @@ fn root_prog_gc_removes_only_expired_entries() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0].0.proto, p::TCP);
 }
+
+/// An upgrade that changed a map's layout: the loader must not adopt the old pin (the program
+/// would read its bytes as something else and the agent could not read it back); the pin is
+/// replaced by an empty map of this build's layout, and pins with the right layout are kept.
+#[test]
+fn root_prog_a_pinned_map_with_another_layout_is_replaced() {
+    use netpol_agent::dataplane::{self, Dataplane, PinDir};
+    use netpol_common::map_name;
+
+    let node = format!("layout-{}", std::process::id());
+    let pins = PinDir::for_node(std::path::Path::new(dataplane::BPFFS), &node);
+    let map_id = |name: &str| -> u64 {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(pins.map(name))
+            .output()
+            .expect("bpftool (cargo xtask setup installs it)");
+        assert!(out.status.success(), "bpftool map show {name}: {out:?}");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["id"].as_u64().unwrap()
+    };
+    drop(Dataplane::load(&pins).expect("first load (needs root)"));
+    let endpoints = map_id(map_name::ENDPOINTS);
+    // Stand in for an older build's conntrack table: same name, 32-byte values.
+    std::fs::remove_file(pins.map(map_name::CONNTRACK)).unwrap();
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pins.map(map_name::CONNTRACK))
+        .args([
+            "type", "lru_hash", "key", "44", "value", "32", "entries", "64",
+        ])
+        .args(["name", map_name::CONNTRACK])
+        .status()
+        .unwrap();
+    assert!(created.success(), "bpftool map create");
+    let old = map_id(map_name::CONNTRACK);
+
+    let loaded = Dataplane::load(&pins);
+    let conntrack = maps::conntrack(&pins);
+    let replaced = map_id(map_name::CONNTRACK);
+    let kept = map_id(map_name::ENDPOINTS);
+    dataplane::reset(&pins).expect("reset");
+    loaded.expect("the load replaces the old table");
+    assert_ne!(replaced, old, "the old-layout table was adopted");
+    assert_eq!(
+        conntrack.expect("the new table reads back with this build's layout"),
+        vec![]
+    );
+    assert_eq!(kept, endpoints, "a pin with the right layout must be kept");
+}
