@@ -10,11 +10,12 @@
 //!
 //! The modes alternate round by round (the order rotates), and each mode is checked to enforce
 //! before it is measured: a third pod and a closed port must be dropped. iptables mode uses
-//! Debian 12's default backend (nf_tables, `iptables-nft-restore`). The request/response and
-//! connection threads run at nice -20 (see `perf`). Needs root.
+//! Debian 12's default backend (nf_tables, `iptables-nft-restore`). The request/response ends
+//! busy-poll, pinned to CPUs 0 and 1; the connection threads run at nice -20 (see `perf`).
+//! Needs root.
 //! Run: `cargo build --release -p netpol-agent && cargo bench -p netpol-tests --bench e2e`.
-//! `NETPOL_E2E_ROUNDS` (default 5) and `NETPOL_E2E_SECONDS` (per request/response and
-//! connection figure, default 2; iperf3 always runs 5) change the length: about 2.5 minutes.
+//! `NETPOL_E2E_ROUNDS` (default 7) and `NETPOL_E2E_SECONDS` (per request/response and
+//! connection figure, default 2; iperf3 always runs 5) change the length: about 3.5 minutes.
 //! With `sysctl kernel.bpf_stats_enabled=1` the netpol rounds also print what the programs
 //! cost per transaction and per connection (the counters slow every run a little).
 
@@ -378,7 +379,7 @@ fn main() {
         );
         std::env::set_var("NETPOL_AGENT_BIN", &release);
     }
-    let rounds = env_number("NETPOL_E2E_ROUNDS", 5) as usize;
+    let rounds = env_number("NETPOL_E2E_ROUNDS", 7) as usize;
     let secs = Duration::from_secs(env_number("NETPOL_E2E_SECONDS", 2));
 
     let spec = LabSpec::from_yaml_str(PODS).expect("lab spec parses");
