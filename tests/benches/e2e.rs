@@ -2,6 +2,9 @@
 //! throughput (iperf3, one stream), request/response rate (1-byte ping-pong on one connection)
 //! and new connections per second (connect, 1-byte exchange, close with a RST), in three modes:
 //! - no program: no agent, no iptables rule, no conntrack in the node;
+//! - empty program: a classifier that only returns "next" (`np_noop`) on both hooks of both
+//!   pods' veths, as netpol attaches its own: what attaching any TC program costs here, the
+//!   floor under netpol's figures;
 //! - netpol: the release agent applies a 1,000-rule ingress policy on `server` and a 1,000-rule
 //!   egress policy on `client`, each allowing the other pod only in its last rule;
 //! - iptables+ipset: the same rules written the way kube-router writes them, in the node's
@@ -26,6 +29,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use netpol_agent::dataplane::{self, Dataplane, PinDir};
 use netpol_tests::{
     agent::Agent,
     lab::{Lab, LabOptions, LabSpec, Probe, ProbeOutcome},
@@ -77,23 +81,30 @@ spec: {containers: [{name: c}]}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     NoProgram,
+    EmptyProgram,
     Netpol,
     Iptables,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::NoProgram, Mode::Netpol, Mode::Iptables];
+    const ALL: [Mode; 4] = [
+        Mode::NoProgram,
+        Mode::EmptyProgram,
+        Mode::Netpol,
+        Mode::Iptables,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Mode::NoProgram => "no program",
+            Mode::EmptyProgram => "empty program",
             Mode::Netpol => "netpol",
             Mode::Iptables => "iptables+ipset",
         }
     }
 
     fn enforces(self) -> bool {
-        self != Mode::NoProgram
+        matches!(self, Mode::Netpol | Mode::Iptables)
     }
 }
 
@@ -137,6 +148,8 @@ struct Modes<'a> {
     lab: &'a Lab,
     agent: Agent<'a>,
     netfilter: Netfilter,
+    /// The empty program's links live as long as this (dropping it detaches them).
+    empty: std::cell::RefCell<Option<Dataplane>>,
 }
 
 impl Modes<'_> {
@@ -145,6 +158,10 @@ impl Modes<'_> {
         let start = Instant::now();
         match mode {
             Mode::NoProgram => {}
+            Mode::EmptyProgram => {
+                let dataplane = self.attach_empty().expect("attaching the empty program");
+                *self.empty.borrow_mut() = Some(dataplane);
+            }
             Mode::Netpol => {
                 self.agent.apply().expect("netpol-agent apply");
             }
@@ -160,6 +177,10 @@ impl Modes<'_> {
     fn leave(&self, mode: Mode) {
         match mode {
             Mode::NoProgram => {}
+            Mode::EmptyProgram => {
+                drop(self.empty.borrow_mut().take());
+                dataplane::reset(&self.empty_pins()).expect("removing the empty program's pins");
+            }
             Mode::Netpol => {
                 self.agent.reset().expect("netpol-agent reset");
             }
@@ -178,6 +199,40 @@ impl Modes<'_> {
         );
         let sets = node_run(self.lab, "ipset", &["list", "-n"], "");
         assert!(sets.trim().is_empty(), "ipsets left in the node: {sets}");
+    }
+
+    fn empty_pins(&self) -> PinDir {
+        PinDir::for_node(
+            Path::new(dataplane::BPFFS),
+            &format!("{}-empty", self.lab.node_name()),
+        )
+    }
+
+    /// Loads the object (its own pin directory) and attaches `np_noop` to both hooks of the
+    /// client's and the server's host-side veths: the interfaces the node routes their
+    /// addresses to, as the agent finds them.
+    fn attach_empty(&self) -> anyhow::Result<Dataplane> {
+        let pins = self.empty_pins();
+        let interfaces: Vec<String> = ["client", "server"]
+            .iter()
+            .map(|pod| {
+                let ip = self.lab.pod_ip(NS, pod).to_string();
+                let route = node_run(self.lab, "ip", &["-o", "route", "get", &ip], "");
+                let mut words = route.split_whitespace();
+                words
+                    .find(|w| *w == "dev")
+                    .and_then(|_| words.next())
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow::anyhow!("no interface in {route:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        self.lab.in_node(|| -> anyhow::Result<Dataplane> {
+            let mut dp = Dataplane::load(&pins)?;
+            for interface in &interfaces {
+                dp.attach_empty(interface)?;
+            }
+            Ok(dp)
+        })?
     }
 
     /// The run counters of the agent's programs (`bpftool prog show`), when the kernel keeps
@@ -424,6 +479,7 @@ fn main() {
         lab: &lab,
         agent,
         netfilter: netfilter(client_ip, server_ip, &ingress, &egress),
+        empty: Default::default(),
     };
 
     println!(
@@ -515,16 +571,18 @@ fn report(samples: &[(Mode, Sample)]) {
     };
     println!();
     println!(
-        "{:<27} {:>22} {:>22} {:>22} {:>20} {:>20}",
+        "{:<27} {:>20} {:>20} {:>20} {:>20} {:>17} {:>17} {:>17}",
         "median (min-max)",
         "no program",
+        "empty program",
         "netpol",
         "iptables+ipset",
         "netpol/no program",
+        "netpol/empty",
         "netpol/iptables"
     );
     for metric in &METRICS {
-        let [none, netpol, iptables] = Mode::ALL.map(|m| of(m, metric));
+        let [none, empty, netpol, iptables] = Mode::ALL.map(|m| of(m, metric));
         let d = metric.decimals;
         let cell = |values: &[f64]| {
             let s = Spread::of(values);
@@ -532,12 +590,14 @@ fn report(samples: &[(Mode, Sample)]) {
         };
         let ratio = |r: Spread| format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max);
         println!(
-            "{:<27} {:>22} {:>22} {:>22} {:>20} {:>20}",
+            "{:<27} {:>20} {:>20} {:>20} {:>20} {:>17} {:>17} {:>17}",
             metric.name,
             cell(&none),
+            cell(&empty),
             cell(&netpol),
             cell(&iptables),
             ratio(ratios(&netpol, &none)),
+            ratio(ratios(&netpol, &empty)),
             ratio(ratios(&netpol, &iptables))
         );
     }

@@ -114,6 +114,24 @@ impl Dataplane {
         Ok([ingress, egress])
     }
 
+    /// Attaches the empty program (`np_noop`) to both hooks of `interface`, unpinned: the links
+    /// live as long as this `Dataplane`. For benchmarks: the cost of any TC program.
+    pub fn attach_empty(&mut self, interface: &str) -> Result<(), DataplaneError> {
+        let name = prog_name::NOOP;
+        let program = self.program(name)?;
+        for hook in Hook::ALL {
+            program
+                .attach(interface, hook.attach_type())
+                .map_err(|source| DataplaneError::Attach {
+                    program: name,
+                    interface: interface.to_string(),
+                    hook: hook.name(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
     fn attach_hook(
         &mut self,
         ifindex: u32,
