@@ -3,7 +3,7 @@
 
 use netpol_common::{
     ct::{lifetime, tcp_state, CtKey, CtValue},
-    Direction, Reason,
+    Addr, Direction, Reason,
 };
 
 use crate::{
@@ -22,25 +22,36 @@ pub enum Hit {
 /// The flow's key at this endpoint: pod side first, whichever way the packet goes.
 #[inline(always)]
 pub fn key(ifindex: u32, dir: Direction, pkt: &Packet) -> CtKey {
-    match dir {
-        Direction::Egress => CtKey {
-            ifindex,
-            proto: pkt.proto,
-            _pad: [0; 3],
-            pod_addr: pkt.src,
-            peer_addr: pkt.dst,
-            pod_port: pkt.sport,
-            peer_port: pkt.dport,
-        },
-        Direction::Ingress => CtKey {
-            ifindex,
-            proto: pkt.proto,
-            _pad: [0; 3],
-            pod_addr: pkt.dst,
-            peer_addr: pkt.src,
-            pod_port: pkt.dport,
-            peer_port: pkt.sport,
-        },
+    pod_first(
+        ifindex,
+        dir,
+        pkt.proto,
+        (pkt.src, pkt.sport),
+        (pkt.dst, pkt.dport),
+    )
+}
+
+/// The key of a packet from `src` to `dst` going in direction `dir` at this endpoint.
+#[inline(always)]
+fn pod_first(
+    ifindex: u32,
+    dir: Direction,
+    proto: u8,
+    src: (Addr, [u8; 2]),
+    dst: (Addr, [u8; 2]),
+) -> CtKey {
+    let ((pod_addr, pod_port), (peer_addr, peer_port)) = match dir {
+        Direction::Egress => (src, dst),
+        Direction::Ingress => (dst, src),
+    };
+    CtKey {
+        ifindex,
+        proto,
+        _pad: [0; 3],
+        pod_addr,
+        peer_addr,
+        pod_port,
+        peer_port,
     }
 }
 
@@ -71,26 +82,15 @@ pub fn lookup(key: &CtKey, dir: Direction, pkt: &Packet) -> Hit {
 /// what the pod sent; an error the pod sends quotes what it received. Either way one lookup, pod
 /// side first.
 pub fn related(ifindex: u32, dir: Direction, inner: &Inner) -> bool {
-    let key = match dir {
-        Direction::Ingress => CtKey {
-            ifindex,
-            proto: inner.proto,
-            _pad: [0; 3],
-            pod_addr: inner.src,
-            peer_addr: inner.dst,
-            pod_port: inner.sport,
-            peer_port: inner.dport,
-        },
-        Direction::Egress => CtKey {
-            ifindex,
-            proto: inner.proto,
-            _pad: [0; 3],
-            pod_addr: inner.dst,
-            peer_addr: inner.src,
-            pod_port: inner.dport,
-            peer_port: inner.sport,
-        },
-    };
+    // The quote travelled the other way: the pod sent it when the error comes in, and the error
+    // goes out about what the pod received.
+    let key = pod_first(
+        ifindex,
+        dir.opposite(),
+        inner.proto,
+        (inner.src, inner.sport),
+        (inner.dst, inner.dport),
+    );
     // SAFETY: plain-data value, read once.
     match unsafe { CONNTRACK.get(&key) } {
         Some(entry) => entry.expires > now(),
