@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
+use ipnet::IpNet;
+
 use netpol_common::{endpoint_flag, identity, Direction, EndpointInfo};
 use serde::Serialize;
 
@@ -138,12 +140,10 @@ pub fn collect(
     let ipcache = contents
         .ipcache
         .iter()
-        .filter_map(|((prefix, key), value)| {
-            Some(IpcacheDump {
-                prefix: desired::net_from_key(*prefix, key.addr)?.to_string(),
-                identity: value.identity,
-                name: peer_name(&names, value.identity),
-            })
+        .map(|(key, value)| IpcacheDump {
+            prefix: IpNet::from(desired::addr_from_bytes(key.addr)).to_string(),
+            identity: value.identity,
+            name: peer_name(&names, value.identity),
         })
         .collect();
     let services = contents

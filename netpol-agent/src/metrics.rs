@@ -5,7 +5,7 @@
 
 use std::{fmt::Write as _, sync::Mutex, time::Duration};
 
-use netpol_common::map_name;
+use netpol_common::{map_name, policy_prefix};
 
 use crate::dataplane::{maps, DataplaneError, PinDir};
 
@@ -128,11 +128,18 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 fn kernel(out: &mut String, pins: &PinDir) -> Result<(), DataplaneError> {
     let contents = maps::read(pins)?;
     let conntrack = maps::conntrack(pins)?.len();
+    let hashed = contents
+        .policy
+        .keys()
+        .filter(|(prefix, key)| policy_prefix::hashed(*prefix, key.port))
+        .count();
     let entries = [
         (map_name::ENDPOINTS, contents.endpoints.len()),
         (map_name::IPCACHE, contents.ipcache.len()),
         (map_name::CIDR, contents.cidr.len()),
-        (map_name::POLICY, contents.policy.len()),
+        (map_name::POLICY, hashed),
+        (map_name::PORT_RANGES, contents.policy.len() - hashed),
+        (map_name::CLASSES, contents.classes.len()),
         (map_name::SERVICES, contents.services.len()),
         (map_name::CONNTRACK, conntrack),
     ];

@@ -19,13 +19,24 @@ pub mod map_name {
     pub const IPCACHE: &str = "NP_IPCACHE";
     pub const CIDR: &str = "NP_CIDR";
     pub const POLICY: &str = "NP_POLICY";
+    pub const PORT_RANGES: &str = "NP_PORT_RANGES";
+    pub const CLASSES: &str = "NP_CLASSES";
     pub const CONNTRACK: &str = "NP_CT";
     pub const COUNTERS: &str = "NP_COUNTERS";
     pub const SERVICES: &str = "NP_SERVICES";
     pub const FRAGMENTS: &str = "NP_FRAGS";
     /// Every map the agent owns, in the order `dump` and `reset` walk them.
-    pub const ALL: [&str; 8] = [
-        ENDPOINTS, IPCACHE, CIDR, POLICY, SERVICES, CONNTRACK, FRAGMENTS, COUNTERS,
+    pub const ALL: [&str; 10] = [
+        ENDPOINTS,
+        IPCACHE,
+        CIDR,
+        POLICY,
+        PORT_RANGES,
+        CLASSES,
+        SERVICES,
+        CONNTRACK,
+        FRAGMENTS,
+        COUNTERS,
     ];
 }
 
@@ -45,6 +56,8 @@ pub mod capacity {
     pub const IPCACHE: u32 = 65536;
     pub const CIDR: u32 = 65536;
     pub const POLICY: u32 = 262144;
+    pub const PORT_RANGES: u32 = 65536;
+    pub const CLASSES: u32 = 65536;
     pub const CONNTRACK: u32 = 262144;
     pub const SERVICES: u32 = 65536;
     /// Datagrams in flight in fragments; an LRU, so a flood only evicts old ones.
@@ -110,7 +123,8 @@ pub struct EndpointInfo {
     pub ipv6: Addr,
 }
 
-/// `NP_IPCACHE` key data (the LPM key is `{ prefix_len: u32, data: IpcacheKey }`).
+/// `NP_IPCACHE` key: one pod or node address (a hash map: every entry is a whole address, so a
+/// lookup costs the same at 10 entries as at 100,000).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpcacheKey {
@@ -145,9 +159,15 @@ pub struct CidrValue {
     pub _pad: u32,
 }
 
-/// `NP_POLICY` key data. Field order matters for the LPM: class and peer are always matched
-/// whole (64 bits); then the protocol (8 bits, or wildcarded by stopping at 64); then the
-/// destination port as a prefix (a port range is stored as a few aligned prefixes).
+/// `NP_POLICY` key (a hash map) and `NP_PORT_RANGES` key data (an LPM trie).
+///
+/// `NP_POLICY` holds the entries every lookup costs the same for: a whole port (`port != 0`),
+/// every port of a protocol (`port == 0`), every protocol (`proto == 0`, `port == 0`).
+/// `NP_PORT_RANGES` holds the rest, port ranges stored as a few aligned prefixes; there the
+/// field order matters: class and peer are always matched whole (64 bits), then the protocol
+/// (8 bits), then `prefix_len - 72` bits of the port (see [`policy_prefix`]). The datapath tries
+/// the most specific first (whole port, range, every port, every protocol), which is what one
+/// longest-prefix match over all of them would answer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -162,7 +182,8 @@ pub struct PolicyKey {
     pub _pad: u8,
 }
 
-/// Prefix lengths of `NP_POLICY` keys.
+/// Prefix lengths of policy keys, in the LPM sense: how much of the key an entry matches. The
+/// agent keeps every entry in this form and stores it in `NP_POLICY` or `NP_PORT_RANGES`.
 pub mod policy_prefix {
     /// Class and peer: every protocol and port.
     pub const ANY_PROTO: u32 = 64;
@@ -170,6 +191,17 @@ pub mod policy_prefix {
     pub const ANY_PORT: u32 = 72;
     /// Class, peer, protocol and the whole port.
     pub const EXACT: u32 = 88;
+
+    /// Whether the entry `(prefix_len, port)` is stored in the hash map `NP_POLICY` (a whole
+    /// port other than 0, every port, every protocol) rather than in `NP_PORT_RANGES`. Port 0
+    /// stays in the trie: in the hash it would read as "every port".
+    pub const fn hashed(prefix_len: u32, port: [u8; 2]) -> bool {
+        match prefix_len {
+            ANY_PROTO | ANY_PORT => true,
+            EXACT => port[0] != 0 || port[1] != 0,
+            _ => false,
+        }
+    }
 }
 
 /// `NP_POLICY` value: the rule set that allowed the entry (for attribution in `dump`).
@@ -177,6 +209,32 @@ pub mod policy_prefix {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyValue {
     pub rule_set: u32,
+    pub _pad: u32,
+}
+
+/// Which kinds of policy entry a class has, in `ClassValue::shapes`: the datapath makes only
+/// the lookups that can match, so a new connection costs a fixed number of hash lookups
+/// however many rules there are. A class with no `NP_CLASSES` entry allows nothing.
+pub mod class_shape {
+    /// `NP_POLICY` entries for a whole port.
+    pub const PORT: u32 = 1 << 0;
+    /// `NP_PORT_RANGES` entries.
+    pub const PORT_RANGE: u32 = 1 << 1;
+    /// `NP_POLICY` entries for every port of a protocol.
+    pub const ANY_PORT: u32 = 1 << 2;
+    /// `NP_POLICY` entries for every protocol.
+    pub const ANY_PROTO: u32 = 1 << 3;
+    /// Entries whose peer is `identity::ANY`.
+    pub const ANY_PEER: u32 = 1 << 4;
+    /// `NP_CIDR` entries (ipBlock peers).
+    pub const CIDR: u32 = 1 << 5;
+}
+
+/// `NP_CLASSES` key: a class id (u32). Value: its `class_shape` bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClassValue {
+    pub shapes: u32,
     pub _pad: u32,
 }
 
@@ -246,6 +304,7 @@ const _: () = {
     assert!(core::mem::size_of::<CidrValue>() == 8);
     assert!(core::mem::size_of::<PolicyKey>() == 12);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
+    assert!(core::mem::size_of::<ClassValue>() == 8);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 8);
@@ -265,6 +324,7 @@ mod pod {
     unsafe impl aya::Pod for CidrValue {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for ClassValue {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}

@@ -8,25 +8,33 @@ use aya_ebpf::{
 use netpol_common::{
     capacity,
     ct::{CtKey, CtValue},
-    CidrKey, CidrValue, Counter, EndpointInfo, FragKey, FragValue, IpcacheKey, IpcacheValue,
-    PolicyKey, PolicyValue, ServiceKey, ServiceValue, COUNTER_SLOTS,
+    CidrKey, CidrValue, ClassValue, Counter, EndpointInfo, FragKey, FragValue, IpcacheKey,
+    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, COUNTER_SLOTS,
 };
 
 /// ifindex of a pod's host-side interface -> the pod's classes and flags.
 #[map(name = "NP_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
-/// Address prefix -> identity (pods, the node's own addresses).
+/// Address -> identity (pods, the node's own addresses).
 #[map(name = "NP_IPCACHE")]
-pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
+pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> = HashMap::pinned(capacity::IPCACHE, 0);
 
 /// (class, address prefix) -> CIDR set, for ipBlock peers.
 #[map(name = "NP_CIDR")]
 pub static CIDR: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(capacity::CIDR, 0);
 
-/// (class, peer, protocol, port prefix) -> allowed.
+/// Class -> the kinds of entry it has, so only lookups that can match are made.
+#[map(name = "NP_CLASSES")]
+pub static CLASSES: HashMap<u32, ClassValue> = HashMap::pinned(capacity::CLASSES, 0);
+
+/// (class, peer, protocol, port | 0 for every port) -> allowed; protocol 0: every protocol.
 #[map(name = "NP_POLICY")]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, 0);
+
+/// (class, peer, protocol, port prefix) -> allowed: port ranges.
+#[map(name = "NP_PORT_RANGES")]
+pub static PORT_RANGES: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::PORT_RANGES, 0);
 
 /// (ClusterIP, port, protocol) -> the Service port's identity, for egress before DNAT.
 #[map(name = "NP_SERVICES")]

@@ -1,14 +1,16 @@
-//! The policy decision for a new flow: identity of the peer, then a constant number of LPM
-//! lookups whatever the number of rules (peer identity, any peer, CIDR set).
+//! The policy decision for a new flow: the peer's identity, then the class's entries for that
+//! peer, for any peer, and for the peer's CIDR set. Hash lookups, each made only when the
+//! class has entries of its kind (`NP_CLASSES`), so the cost does not grow with the number of
+//! rules; tries only for port ranges and ipBlocks.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use netpol_common::{
-    endpoint_flag, identity, policy_prefix, CidrKey, Direction, EndpointInfo, IpcacheKey,
-    PolicyKey, Reason, ServiceKey,
+    class_shape, endpoint_flag, identity, policy_prefix, CidrKey, Direction, EndpointInfo,
+    IpcacheKey, PolicyKey, Reason, ServiceKey,
 };
 
 use crate::{
-    maps::{CIDR, IPCACHE, POLICY, SERVICES},
+    maps::{CIDR, CLASSES, IPCACHE, POLICY, PORT_RANGES, SERVICES},
     parse::{Fragment, Packet},
 };
 
@@ -37,7 +39,12 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
             rule_set: 0,
         });
     }
-    let class_be = class.to_be_bytes();
+    // SAFETY: plain-data value, read once. No entry: the class allows nothing.
+    let shapes = unsafe { CLASSES.get(&class) }.map_or(0, |c| c.shapes);
+    let class = Class {
+        id: class.to_be_bytes(),
+        shapes,
+    };
     if dir == Direction::Egress && pkt.fragment != Fragment::Later {
         // To a ClusterIP, before kube-proxy's DNAT: judged by the Service port's own entries,
         // which the agent derives from the egress rules and every ready backend on its target
@@ -50,7 +57,7 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
         };
         // SAFETY: plain-data value, read once.
         if let Some(svc) = unsafe { SERVICES.get(&svc) } {
-            return match lookup(class_be, svc.identity, pkt) {
+            return match lookup(&class, svc.identity, pkt) {
                 Some(rule_set) => Ok(Allowed {
                     reason: Reason::AllowedByPolicy,
                     rule_set,
@@ -59,8 +66,8 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
             };
         }
     }
-    let peer = IPCACHE
-        .get(Key::new(128, IpcacheKey { addr: peer_addr }))
+    // SAFETY: plain-data value, read once.
+    let peer = unsafe { IPCACHE.get(&IpcacheKey { addr: peer_addr }) }
         .map_or(identity::WORLD, |v| v.identity);
     if dir == Direction::Ingress && peer == identity::HOST {
         return Ok(Allowed {
@@ -72,21 +79,20 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
     if pkt.fragment == Fragment::Later {
         return Err(Reason::Fragment);
     }
-    let class = class_be;
-    let mut rule_set = lookup(class, peer, pkt);
-    if rule_set.is_none() {
-        rule_set = lookup(class, identity::ANY, pkt);
+    let mut rule_set = lookup(&class, peer, pkt);
+    if rule_set.is_none() && class.has(class_shape::ANY_PEER) {
+        rule_set = lookup(&class, identity::ANY, pkt);
     }
-    if rule_set.is_none() {
+    if rule_set.is_none() && class.has(class_shape::CIDR) {
         let cidr_key = Key::new(
             32 + 128,
             CidrKey {
-                class,
+                class: class.id,
                 addr: peer_addr,
             },
         );
         if let Some(set) = CIDR.get(cidr_key) {
-            rule_set = lookup(class, set.set, pkt);
+            rule_set = lookup(&class, set.set, pkt);
         }
     }
     match rule_set {
@@ -98,17 +104,59 @@ pub fn decide(ep: &EndpointInfo, dir: Direction, pkt: &Packet) -> Result<Allowed
     }
 }
 
+/// A policy class as this packet's decision uses it.
+struct Class {
+    /// Class id, network byte order (as in the keys).
+    id: [u8; 4],
+    /// `class_shape` bits.
+    shapes: u32,
+}
+
+impl Class {
+    #[inline(always)]
+    fn has(&self, shape: u32) -> bool {
+        self.shapes & shape != 0
+    }
+}
+
+/// The rule set of the most specific entry of `class` for `peer` that allows the packet: whole
+/// port, port range, every port of the protocol, every protocol (what one longest-prefix match
+/// over all of them would find).
 #[inline(always)]
-fn lookup(class: [u8; 4], peer: u32, pkt: &Packet) -> Option<u32> {
-    let key = Key::new(
-        policy_prefix::EXACT,
-        PolicyKey {
-            class,
-            peer: peer.to_be_bytes(),
-            proto: pkt.proto,
-            port: pkt.dport,
-            _pad: 0,
-        },
-    );
-    POLICY.get(key).map(|v| v.rule_set)
+fn lookup(class: &Class, peer: u32, pkt: &Packet) -> Option<u32> {
+    let mut key = PolicyKey {
+        class: class.id,
+        peer: peer.to_be_bytes(),
+        proto: pkt.proto,
+        port: pkt.dport,
+        _pad: 0,
+    };
+    // Port 0 in the hash means "every port": a packet to port 0 is looked up in the trie only.
+    if class.has(class_shape::PORT) && pkt.dport != [0, 0] {
+        // SAFETY: plain-data value, read once.
+        if let Some(v) = unsafe { POLICY.get(&key) } {
+            return Some(v.rule_set);
+        }
+    }
+    if class.has(class_shape::PORT_RANGE) {
+        if let Some(v) = PORT_RANGES.get(Key::new(policy_prefix::EXACT, key)) {
+            return Some(v.rule_set);
+        }
+    }
+    if class.has(class_shape::ANY_PORT) {
+        key.port = [0, 0];
+        // SAFETY: as above.
+        if let Some(v) = unsafe { POLICY.get(&key) } {
+            return Some(v.rule_set);
+        }
+    }
+    if class.has(class_shape::ANY_PROTO) {
+        key.proto = 0;
+        key.port = [0, 0];
+        // SAFETY: as above.
+        if let Some(v) = unsafe { POLICY.get(&key) } {
+            return Some(v.rule_set);
+        }
+    }
+    None
 }

@@ -15,8 +15,8 @@ use std::{fs, mem::size_of};
 use aya::maps::{MapData, MapType};
 use netpol_common::{
     ct::{CtKey, CtValue},
-    map_name, CidrKey, CidrValue, Counter, EndpointInfo, FragKey, FragValue, IpcacheKey,
-    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
+    map_name, CidrKey, CidrValue, ClassValue, Counter, EndpointInfo, FragKey, FragValue,
+    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
 };
 
 use super::{DataplaneError, PinDir};
@@ -45,8 +45,8 @@ pub fn expected(name: &str) -> Option<Layout> {
     let l = match name {
         map_name::ENDPOINTS => layout(MapType::Hash, 4, size_of::<EndpointInfo>()),
         map_name::IPCACHE => layout(
-            MapType::LpmTrie,
-            LPM_PREFIX + size_of::<IpcacheKey>(),
+            MapType::Hash,
+            size_of::<IpcacheKey>(),
             size_of::<IpcacheValue>(),
         ),
         map_name::CIDR => layout(
@@ -55,10 +55,16 @@ pub fn expected(name: &str) -> Option<Layout> {
             size_of::<CidrValue>(),
         ),
         map_name::POLICY => layout(
+            MapType::Hash,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+        ),
+        map_name::PORT_RANGES => layout(
             MapType::LpmTrie,
             LPM_PREFIX + size_of::<PolicyKey>(),
             size_of::<PolicyValue>(),
         ),
+        map_name::CLASSES => layout(MapType::Hash, 4, size_of::<ClassValue>()),
         map_name::SERVICES => layout(
             MapType::Hash,
             size_of::<ServiceKey>(),

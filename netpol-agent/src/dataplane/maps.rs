@@ -10,8 +10,8 @@ use aya::maps::{
 use netpol_common::{
     counter_index,
     ct::{CtKey, CtValue},
-    map_name, Counter, Direction, EndpointInfo, FragKey, FragValue, Reason, ServiceKey,
-    ServiceValue,
+    map_name, policy_prefix, ClassValue, Counter, Direction, EndpointInfo, FragKey, FragValue,
+    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceValue,
 };
 
 use super::{DataplaneError, PinDir};
@@ -57,22 +57,64 @@ fn read_lpm<K: aya::Pod + Ord, V: aya::Pod>(
         .map_err(map_err(pins, name))
 }
 
+fn read_hash<K: aya::Pod + Ord, V: aya::Pod>(
+    pins: &PinDir,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, DataplaneError> {
+    hash::<K, V>(pins, name)?
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(pins, name))
+}
+
+/// The LPM form of an `NP_POLICY` key: a zero protocol is every protocol, a zero port every
+/// port (the inverse of the split `policy_prefix::hashed` makes).
+fn hashed_policy_prefix(key: &PolicyKey) -> u32 {
+    if key.proto == 0 {
+        policy_prefix::ANY_PROTO
+    } else if key.port == [0, 0] {
+        policy_prefix::ANY_PORT
+    } else {
+        policy_prefix::EXACT
+    }
+}
+
 /// What the agent-written maps hold now.
 pub fn read(pins: &PinDir) -> Result<MapContents, DataplaneError> {
-    let endpoints = hash::<u32, EndpointInfo>(pins, map_name::ENDPOINTS)?;
+    let mut policy: BTreeMap<(u32, PolicyKey), PolicyValue> =
+        read_lpm(pins, map_name::PORT_RANGES)?;
+    let hashed = read_hash::<PolicyKey, PolicyValue>(pins, map_name::POLICY)?;
+    policy.extend(
+        hashed
+            .into_iter()
+            .map(|(key, value)| ((hashed_policy_prefix(&key), key), value)),
+    );
     Ok(MapContents {
-        endpoints: endpoints
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(pins, map_name::ENDPOINTS))?,
-        ipcache: read_lpm(pins, map_name::IPCACHE)?,
+        endpoints: read_hash(pins, map_name::ENDPOINTS)?,
+        ipcache: read_hash::<IpcacheKey, IpcacheValue>(pins, map_name::IPCACHE)?,
         cidr: read_lpm(pins, map_name::CIDR)?,
-        policy: read_lpm(pins, map_name::POLICY)?,
-        services: hash::<ServiceKey, ServiceValue>(pins, map_name::SERVICES)?
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(pins, map_name::SERVICES))?,
+        policy,
+        classes: read_hash::<u32, ClassValue>(pins, map_name::CLASSES)?,
+        services: read_hash::<ServiceKey, ServiceValue>(pins, map_name::SERVICES)?,
     })
+}
+
+/// Policy entries by the map that holds them: `(NP_POLICY, NP_PORT_RANGES)`.
+type SplitPolicy = (
+    BTreeMap<PolicyKey, PolicyValue>,
+    BTreeMap<(u32, PolicyKey), PolicyValue>,
+);
+
+fn split_policy(entries: &BTreeMap<(u32, PolicyKey), PolicyValue>) -> SplitPolicy {
+    let (mut hashed, mut ranges) = (BTreeMap::new(), BTreeMap::new());
+    for (&(prefix, key), &value) in entries {
+        if policy_prefix::hashed(prefix, key.port) {
+            hashed.insert(key, value);
+        } else {
+            ranges.insert((prefix, key), value);
+        }
+    }
+    (hashed, ranges)
 }
 
 fn write_hash<K: aya::Pod + Ord, V: aya::Pod>(
@@ -149,21 +191,35 @@ fn close_changing_endpoints(
     Ok(())
 }
 
-/// Applies a diff make-before-break: first every new entry the endpoints will point at, then
-/// the ipcache and endpoints, and only then the removals. A packet never meets an endpoint
-/// whose class entries are missing (which would deny what stays allowed). Service addresses
-/// follow the same order: added after their policy entries, removed before them.
+/// Applies a diff make-before-break: first every new entry the endpoints will point at (and
+/// the class shapes that make the datapath look them up), then the ipcache and endpoints, and
+/// only then the removals. A packet never meets an endpoint whose class entries are missing
+/// (which would deny what stays allowed); a shape written early can only deny early what is
+/// being removed. Service addresses follow the same order: added after their policy entries,
+/// removed before them.
 pub fn write(pins: &PinDir, diff: &MapDiff) -> Result<(), DataplaneError> {
     let (up, rm) = (&diff.upsert, &diff.remove);
-    write_lpm(pins, map_name::POLICY, &up.policy, None)?;
+    let none = BTreeMap::new();
+    let (up_hashed, up_ranges) = split_policy(&up.policy);
+    let (rm_hashed, rm_ranges) = split_policy(&rm.policy);
+    write_hash(pins, map_name::POLICY, &up_hashed, &BTreeMap::new())?;
+    write_lpm(pins, map_name::PORT_RANGES, &up_ranges, None)?;
     write_lpm(pins, map_name::CIDR, &up.cidr, None)?;
-    write_lpm(pins, map_name::IPCACHE, &up.ipcache, None)?;
+    write_hash(pins, map_name::CLASSES, &up.classes, &none)?;
+    write_hash(pins, map_name::IPCACHE, &up.ipcache, &BTreeMap::new())?;
     write_hash(pins, map_name::SERVICES, &up.services, &rm.services)?;
     close_changing_endpoints(pins, &up.endpoints)?;
     write_hash(pins, map_name::ENDPOINTS, &up.endpoints, &rm.endpoints)?;
-    write_lpm(pins, map_name::IPCACHE, &BTreeMap::new(), Some(&rm.ipcache))?;
+    write_hash(pins, map_name::IPCACHE, &BTreeMap::new(), &rm.ipcache)?;
+    write_hash(pins, map_name::CLASSES, &none, &rm.classes)?;
     write_lpm(pins, map_name::CIDR, &BTreeMap::new(), Some(&rm.cidr))?;
-    write_lpm(pins, map_name::POLICY, &BTreeMap::new(), Some(&rm.policy))?;
+    write_lpm(
+        pins,
+        map_name::PORT_RANGES,
+        &BTreeMap::new(),
+        Some(&rm_ranges),
+    )?;
+    write_hash(pins, map_name::POLICY, &BTreeMap::new(), &rm_hashed)?;
     Ok(())
 }
 

@@ -2,14 +2,15 @@
 //! such states. Pure: the dataplane reads the actual state and writes the diff.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv6Addr},
 };
 
 use ipnet::IpNet;
 use netpol_common::{
-    endpoint_flag, ipv4_mapped, policy_prefix, Addr, CidrKey, CidrValue, EndpointInfo, IpcacheKey,
-    IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, IPV4_MAPPED_PREFIX,
+    class_shape, endpoint_flag, identity, ipv4_mapped, policy_prefix, Addr, CidrKey, CidrValue,
+    ClassValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey,
+    ServiceValue, IPV4_MAPPED_PREFIX,
 };
 
 use super::{
@@ -18,14 +19,16 @@ use super::{
     ports::PortPrefix,
 };
 
-/// Contents of the five maps the agent writes (conntrack, fragments and counters belong to
-/// the datapath). LPM keys are `(prefix_len, data)`.
+/// Contents of the maps the agent writes (conntrack, fragments and counters belong to the
+/// datapath). LPM keys are `(prefix_len, data)`. `policy` holds the entries of both `NP_POLICY`
+/// and `NP_PORT_RANGES` in LPM form; `policy_prefix::hashed` says which map each goes to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
-    pub ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
+    pub ipcache: BTreeMap<IpcacheKey, IpcacheValue>,
     pub cidr: BTreeMap<(u32, CidrKey), CidrValue>,
     pub policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+    pub classes: BTreeMap<u32, ClassValue>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
 }
 
@@ -43,7 +46,12 @@ impl MapDiff {
 
     pub fn changes(&self) -> usize {
         let count = |m: &MapContents| {
-            m.endpoints.len() + m.ipcache.len() + m.cidr.len() + m.policy.len() + m.services.len()
+            m.endpoints.len()
+                + m.ipcache.len()
+                + m.cidr.len()
+                + m.policy.len()
+                + m.classes.len()
+                + m.services.len()
         };
         count(&self.upsert) + count(&self.remove)
     }
@@ -199,11 +207,90 @@ fn set_addresses(info: &mut EndpointInfo, ips: &[IpAddr]) {
     }
 }
 
-fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
-    let key = IpcacheKey {
+/// The ipcache holds single addresses (`IpNet::from(addr)`), so the network address is the key.
+fn ipcache_key(net: &IpNet) -> IpcacheKey {
+    IpcacheKey {
         addr: addr_bytes(net.network()),
+    }
+}
+
+/// The `class_shape` bit of one policy entry, peer aside.
+fn entry_shape(prefix: u32, key: &PolicyKey) -> u32 {
+    match prefix {
+        policy_prefix::ANY_PROTO => class_shape::ANY_PROTO,
+        policy_prefix::ANY_PORT => class_shape::ANY_PORT,
+        _ if policy_prefix::hashed(prefix, key.port) => class_shape::PORT,
+        _ => class_shape::PORT_RANGE,
+    }
+}
+
+/// The `NP_CLASSES` value of a class with these policy entries; `None` when it has none.
+fn class_value<'a>(
+    entries: impl IntoIterator<Item = &'a (u32, PolicyKey)>,
+    has_cidr: bool,
+) -> Option<ClassValue> {
+    let mut shapes = 0;
+    for (prefix, key) in entries {
+        shapes |= entry_shape(*prefix, key);
+        if u32::from_be_bytes(key.peer) == identity::ANY {
+            shapes |= class_shape::ANY_PEER;
+        }
+    }
+    if has_cidr {
+        shapes |= class_shape::CIDR;
+    }
+    (shapes != 0).then_some(ClassValue { shapes, _pad: 0 })
+}
+
+/// `NP_CLASSES` for the whole of `policy` and `cidr`.
+fn classes(
+    policy: &BTreeMap<(u32, PolicyKey), PolicyValue>,
+    cidr: &BTreeMap<(u32, CidrKey), CidrValue>,
+) -> BTreeMap<u32, ClassValue> {
+    let mut by_class: BTreeMap<u32, Vec<&(u32, PolicyKey)>> = BTreeMap::new();
+    for k in policy.keys() {
+        by_class
+            .entry(u32::from_be_bytes(k.1.class))
+            .or_default()
+            .push(k);
+    }
+    let with_cidr: BTreeSet<u32> = cidr
+        .keys()
+        .map(|(_, k)| u32::from_be_bytes(k.class))
+        .collect();
+    let all: BTreeSet<u32> = by_class.keys().chain(with_cidr.iter()).copied().collect();
+    all.into_iter()
+        .filter_map(|class| {
+            let entries = by_class.get(&class).into_iter().flatten().copied();
+            Some((class, class_value(entries, with_cidr.contains(&class))?))
+        })
+        .collect()
+}
+
+/// `NP_CLASSES` value of one class of a compilation, from its entries alone.
+fn compiled_class_value(compiled: &Compiled, class: u32) -> Option<ClassValue> {
+    let first = PolicyEntry {
+        class,
+        peer: 0,
+        proto: None,
+        port: None,
     };
-    (mapped_prefix_len(net), key)
+    let keys: Vec<(u32, PolicyKey)> = compiled
+        .policy
+        .range(first..)
+        .take_while(|(e, _)| e.class == class)
+        .map(|(e, _)| policy_key(e))
+        .collect();
+    let first_net = CidrEntry {
+        class,
+        net: IpNet::V4(Default::default()),
+    };
+    let has_cidr = compiled
+        .cidr
+        .range(first_net..)
+        .next()
+        .is_some_and(|(e, _)| e.class == class);
+    class_value(&keys, has_cidr)
 }
 
 /// The maps for a compilation, with each local endpoint placed on its interface. Endpoints
@@ -230,6 +317,7 @@ pub fn map_contents(compiled: &Compiled, ifindex_of: &BTreeMap<ObjectRef, u32>) 
         out.services
             .insert(service_key(addr), ServiceValue { identity, _pad: 0 });
     }
+    out.classes = classes(&out.policy, &out.cidr);
     out
 }
 
@@ -296,6 +384,22 @@ pub fn diff_touched(
         let value = compiled.cidr.get(e).map(|&set| CidrValue { set, _pad: 0 });
         diff_key(cidr_key(e), value, &actual.cidr, &mut up.cidr, &mut rm.cidr);
     }
+    let classes: BTreeSet<u32> = touched
+        .policy
+        .iter()
+        .map(|e| e.class)
+        .chain(touched.cidr.iter().map(|e| e.class))
+        .collect();
+    for class in classes {
+        let value = compiled_class_value(compiled, class);
+        diff_key(
+            class,
+            value,
+            &actual.classes,
+            &mut up.classes,
+            &mut rm.classes,
+        );
+    }
     for net in &touched.ipcache {
         let value = compiled
             .ipcache
@@ -355,6 +459,9 @@ pub fn allocation_above(have: &MapContents) -> Allocation {
     for (_, key) in have.cidr.keys() {
         class = class.max(u32::from_be_bytes(key.class));
     }
+    for &id in have.classes.keys() {
+        class = class.max(id);
+    }
     Allocation {
         next_identity: identity + 1,
         next_class: class + 1,
@@ -389,6 +496,12 @@ pub fn diff(desired: &MapContents, actual: &MapContents) -> MapDiff {
         &actual.policy,
         &mut d.upsert.policy,
         &mut d.remove.policy,
+    );
+    diff_map(
+        &desired.classes,
+        &actual.classes,
+        &mut d.upsert.classes,
+        &mut d.remove.classes,
     );
     diff_map(
         &desired.services,

@@ -1,6 +1,8 @@
 //! Reachability from compiled map contents, looked up the way the datapath looks up the
-//! kernel maps (longest-prefix matches on the same keys). This is not a second reading of the
-//! policies: what it answers is what the kernel would do with these contents for a new flow.
+//! kernel maps (the same keys, the most specific entry first). This is not a second reading of
+//! the policies: what it answers is what the kernel would do with these contents for a new
+//! flow. The kernel skips lookups its class has no entries for (`NP_CLASSES`); a skipped lookup
+//! is one that would miss, so the answer is the same.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
@@ -32,9 +34,12 @@ pub struct Flow {
 }
 
 impl Compiled {
-    /// Longest-prefix match in the ipcache, as `NP_IPCACHE` answers it.
+    /// The identity of an address, as `NP_IPCACHE` (single addresses) answers it.
     pub fn identity_of(&self, addr: IpAddr) -> u32 {
-        longest_match(addr, |net| self.ipcache.get(&net).copied()).unwrap_or(identity::WORLD)
+        self.ipcache
+            .get(&IpNet::from(addr))
+            .copied()
+            .unwrap_or(identity::WORLD)
     }
 
     /// What the datapath decides for a new flow at `pod` in `dir`. `None`: the pod is not an
@@ -104,8 +109,8 @@ impl Compiled {
         sets
     }
 
-    /// `NP_POLICY` longest-prefix match: exact port prefixes from /16 down, then any port of
-    /// the protocol, then any protocol.
+    /// The most specific entry: whole port (`NP_POLICY`), port ranges from /16 down
+    /// (`NP_PORT_RANGES`), then every port of the protocol, then every protocol (`NP_POLICY`).
     fn policy_lookup(&self, class: u32, peer: u32, flow: Flow) -> Option<u32> {
         let entry = |proto, port| PolicyEntry {
             class,

@@ -11,7 +11,7 @@ use netpol_agent::{
         compile,
         desired::{map_contents, MapDiff},
         model::{ObjectRef, Snapshot},
-        Scope,
+        Compiled, Scope,
     },
     source::file::add_documents,
 };
@@ -58,6 +58,8 @@ spec:
 pub struct Harness {
     pub pins: PinDir,
     pub dp: Dataplane,
+    /// What the maps were filled from.
+    pub compiled: Compiled,
 }
 
 impl Harness {
@@ -98,7 +100,7 @@ impl Harness {
             ..Default::default()
         };
         maps::write(&pins, &diff).expect("writing the maps");
-        Harness { pins, dp }
+        Harness { pins, dp, compiled }
     }
 
     pub fn run(&mut self, program: &'static str, packet: &[u8]) -> i32 {

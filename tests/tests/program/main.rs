@@ -5,8 +5,10 @@
 //!
 //! `harness` loads the programs and fills the maps; `verdicts` covers every protocol path and
 //! malformed headers; `stateful` covers conntrack, related ICMP errors, fragments, Service
-//! ports and GC; `fuzz` throws 100,000 random and mutated frames at the ingress program.
+//! ports and GC; `fuzz` throws 100,000 random and mutated frames at the ingress program;
+//! `agreement` checks the kernel against `simulate` on every kind of policy entry.
 
+mod agreement;
 mod fuzz;
 mod harness;
 mod stateful;
