@@ -18,7 +18,8 @@ pub struct CtKey {
     pub pod_addr: Addr,
     /// The other end: another pod, a ClusterIP before DNAT, the node, the world.
     pub peer_addr: Addr,
-    /// Ports in network byte order; for ICMP echo both hold the echo identifier.
+    /// Ports in network byte order. An ICMP echo request carries its identifier as the source
+    /// port (destination 0), a reply as the destination port (source 0).
     pub pod_port: [u8; 2],
     pub peer_port: [u8; 2],
 }

@@ -223,14 +223,9 @@ fn parse_l4(ctx: &TcContext, offset: usize, pkt: &mut Packet) -> Result<(), Reas
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let hdr: [u8; 8] = load(ctx, offset)?;
-            // Echo request/reply: track by identifier, so the reply finds the request's entry.
-            let echo = matches!(
-                (pkt.proto, hdr[0]),
-                (IPPROTO_ICMP, 0 | 8) | (IPPROTO_ICMPV6, 128 | 129)
-            );
-            if echo {
-                pkt.sport = [hdr[4], hdr[5]];
-                pkt.dport = [hdr[4], hdr[5]];
+            if let Some((sport, dport)) = echo_ports(pkt.proto, hdr[0], [hdr[4], hdr[5]]) {
+                pkt.sport = sport;
+                pkt.dport = dport;
             }
             let error = matches!(
                 (pkt.proto, hdr[0]),
@@ -278,11 +273,23 @@ fn quoted(ctx: &TcContext, offset: usize, v4: bool, out: &mut Inner) -> Option<(
     let (sport, dport) = match out.proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => ([l4[0], l4[1]], [l4[2], l4[3]]),
         // Only echo flows are tracked; the quote is the request or reply itself.
-        IPPROTO_ICMP if matches!(l4[0], 0 | 8) => ([l4[4], l4[5]], [l4[4], l4[5]]),
-        IPPROTO_ICMPV6 if matches!(l4[0], 128 | 129) => ([l4[4], l4[5]], [l4[4], l4[5]]),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => echo_ports(out.proto, l4[0], [l4[4], l4[5]])?,
         _ => return None,
     };
     out.sport = sport;
     out.dport = dport;
     Some(())
+}
+
+/// The "ports" of an ICMP echo: its identifier as the source port of a request and as the
+/// destination port of a reply, so a reply finds its request's conntrack entry (pod side
+/// first, the ports swap with the addresses) and a request the other way does not: a peer
+/// allowed to ping the pod does not open the pod's pings to that peer. `None`: not an echo.
+#[inline(always)]
+fn echo_ports(proto: u8, kind: u8, id: [u8; 2]) -> Option<([u8; 2], [u8; 2])> {
+    match (proto, kind) {
+        (IPPROTO_ICMP, 8) | (IPPROTO_ICMPV6, 128) => Some((id, [0, 0])),
+        (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129) => Some(([0, 0], id)),
+        _ => None,
+    }
 }

@@ -348,3 +348,36 @@ fn root_prog_a_pinned_map_with_another_layout_is_replaced() {
     );
     assert_eq!(kept, endpoints, "a pin with the right layout must be kept");
 }
+
+#[test]
+fn root_prog_an_echo_request_is_no_reply_to_one_the_other_way() {
+    // `other` may send the pod anything; the pod may send `other` only TCP.
+    let mut h = Harness::with(true, crate::agreement::EVERY_SHAPE);
+    let v4 = V4::default();
+    let ping_in = p::ipv4(OTHER, POD, p::ICMP, &p::icmp_echo(8, 7), &v4);
+    let pong_out = p::ipv4(POD, OTHER, p::ICMP, &p::icmp_echo(0, 7), &v4);
+    let ping_out = p::ipv4(POD, OTHER, p::ICMP, &p::icmp_echo(8, 7), &v4);
+    let pong_in = p::ipv4(OTHER, POD, p::ICMP, &p::icmp_echo(0, 7), &v4);
+    h.expect(
+        "echo request in",
+        IN,
+        &ping_in,
+        PASS,
+        Reason::AllowedByPolicy,
+    );
+    h.expect("its reply", OUT, &pong_out, PASS, Reason::Reply);
+    h.expect(
+        "a request out with the same identifier",
+        OUT,
+        &ping_out,
+        DROP,
+        Reason::DeniedByPolicy,
+    );
+    h.expect(
+        "a reply in that answers nothing",
+        IN,
+        &pong_in,
+        PASS,
+        Reason::AllowedByPolicy,
+    );
+}
