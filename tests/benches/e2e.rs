@@ -21,6 +21,11 @@
 //! connection figure, default 2; iperf3 always runs 5) change the length: about 3.5 minutes.
 //! With `sysctl kernel.bpf_stats_enabled=1` the netpol rounds also print what the programs
 //! cost per transaction and per connection (the counters slow every run a little).
+//!
+//! Then interleaved slices, for the ratio to "no program" (see `slices`): request/response and
+//! connections for `NETPOL_E2E_SLICE_MS` (default 1000) in each of no program, empty program
+//! and netpol, taking turns `NETPOL_E2E_SLICES` times (default 15; 0 skips them, as
+//! `NETPOL_E2E_ROUNDS=0` skips the rounds): about 2.5 minutes.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -305,6 +310,35 @@ impl Modes<'_> {
         }
     }
 
+    /// Panics unless netpol's programs are on both hooks of the client's and the server's
+    /// interfaces, as `dump` reads them from the kernel.
+    fn check_netpol_attached(&self) {
+        let dump = self.agent.dump_json().expect("netpol-agent dump -o json");
+        let ours = |endpoint: &Value| {
+            endpoint["attachments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|hook| {
+                    hook["programs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["ours"] == true)
+                })
+                .count()
+        };
+        for pod in ["bench/client", "bench/server"] {
+            let endpoint = dump["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["pod"] == pod)
+                .unwrap_or_else(|| panic!("{pod} is no endpoint in the dump"));
+            assert_eq!(ours(endpoint), 2, "{pod}: netpol on both hooks: {endpoint}");
+        }
+    }
+
     /// Panics unless the node tracked the connections just measured in iptables mode, and
     /// only then: netfilter's conntrack is part of what iptables costs and of nothing else.
     fn check_conntrack(&self, mode: Mode) {
@@ -526,7 +560,102 @@ fn main() {
             samples.push((mode, sample));
         }
     }
-    report(&samples);
+    if !samples.is_empty() {
+        report(&samples);
+    }
+    let slice_count = env_number("NETPOL_E2E_SLICES", 15) as usize;
+    let slice = Duration::from_millis(env_number("NETPOL_E2E_SLICE_MS", 1000));
+    if slice_count > 0 {
+        slices(&modes, &servers, slice_count, slice);
+    }
+}
+
+/// The modes without netfilter, in the order a group of slices takes them (rotated by group).
+const SLICE_MODES: [Mode; 3] = [Mode::NoProgram, Mode::EmptyProgram, Mode::Netpol];
+
+/// Interleaved slices: the ratios to "no program" with the VM's drift taken out. This VM's
+/// speed moves by ±30 % over seconds (a shared host), more than the effect measured, so a
+/// round of several seconds per mode leaves each ratio at the mercy of when it ran. Here the
+/// three modes without netfilter take turns in short slices (request/response, then
+/// connections, in each), and each ratio is taken within a group of three adjacent slices;
+/// the figure is the median over groups. Every switch is the real one: `netpol-agent apply`
+/// and `reset`, attaching and detaching the empty program. After each switch the machine
+/// settles before the clock starts, so the agent's own work is not measured.
+fn slices(modes: &Modes, servers: &BenchServers, count: usize, slice: Duration) {
+    let lab = modes.lab;
+    let client = &lab.pod(NS, "client").expect("client").netns;
+    let server_ip = lab.pod_ip(NS, "server");
+    println!();
+    println!(
+        "interleaved slices: {count} groups of {}, {} ms of request/response and of connections \
+         each",
+        SLICE_MODES.map(Mode::label).join(" / "),
+        slice.as_millis()
+    );
+    // [group][mode] -> (trans/s, conn/s)
+    let mut groups = Vec::new();
+    for group in 0..count {
+        let mut figures = [(0.0, 0.0); SLICE_MODES.len()];
+        for k in 0..SLICE_MODES.len() {
+            let index = (group + k) % SLICE_MODES.len();
+            let mode = SLICE_MODES[index];
+            modes.enter(mode);
+            std::thread::sleep(Duration::from_millis(200));
+            let transactions = servers
+                .request_response(client, SocketAddr::new(server_ip, ECHO_PORT), slice)
+                .unwrap_or_else(|e| panic!("request/response: {e:#}"));
+            let connections = servers
+                .connection_rate(client, SocketAddr::new(server_ip, EXCHANGE_PORT), slice)
+                .unwrap_or_else(|e| panic!("connections: {e:#}"));
+            if mode == Mode::Netpol {
+                modes.check_netpol_attached();
+            }
+            modes.check_conntrack(mode);
+            modes.leave(mode);
+            figures[index] = (transactions, connections);
+        }
+        println!(
+            "group {:>2}  {}  (load {})",
+            group + 1,
+            SLICE_MODES
+                .iter()
+                .zip(&figures)
+                .map(|(m, (t, c))| format!("{}: {t:>6.0} trans/s {c:>5.0} conn/s", m.label()))
+                .collect::<Vec<_>>()
+                .join("  "),
+            load_average()
+        );
+        groups.push(figures);
+    }
+    let ratio = |a: usize, b: usize, which: fn(&(f64, f64)) -> f64| {
+        let r = Spread::of(
+            &groups
+                .iter()
+                .map(|g| which(&g[a]) / which(&g[b]))
+                .collect::<Vec<_>>(),
+        );
+        format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max)
+    };
+    let (none, empty, netpol) = (0, 1, 2);
+    println!(
+        "{:<27} {:>20} {:>20} {:>20}",
+        "median over groups (range)", "netpol/no program", "empty/no program", "netpol/empty"
+    );
+    for (name, which) in [
+        (
+            "request/response",
+            (|f: &(f64, f64)| f.0) as fn(&(f64, f64)) -> f64,
+        ),
+        ("new connections", |f: &(f64, f64)| f.1),
+    ] {
+        println!(
+            "{name:<27} {:>20} {:>20} {:>20}",
+            ratio(netpol, none, which),
+            ratio(empty, none, which),
+            ratio(netpol, empty, which)
+        );
+    }
+    println!("goal: netpol/no program >= 0.95x");
 }
 
 /// One printed figure: its name, how to read it from a sample, and its decimals.
