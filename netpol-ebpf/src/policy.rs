@@ -133,9 +133,8 @@ fn lookup(class: &Class, peer: u32, pkt: &Packet) -> Option<u32> {
     };
     // Port 0 in the hash means "every port": a packet to port 0 is looked up in the trie only.
     if class.has(class_shape::PORT) && pkt.dport != [0, 0] {
-        // SAFETY: plain-data value, read once.
-        if let Some(v) = unsafe { POLICY.get(&key) } {
-            return Some(v.rule_set);
+        if let Some(rule_set) = hashed(&key) {
+            return Some(rule_set);
         }
     }
     if class.has(class_shape::PORT_RANGE) {
@@ -145,18 +144,23 @@ fn lookup(class: &Class, peer: u32, pkt: &Packet) -> Option<u32> {
     }
     if class.has(class_shape::ANY_PORT) {
         key.port = [0, 0];
-        // SAFETY: as above.
-        if let Some(v) = unsafe { POLICY.get(&key) } {
-            return Some(v.rule_set);
+        if let Some(rule_set) = hashed(&key) {
+            return Some(rule_set);
         }
     }
     if class.has(class_shape::ANY_PROTO) {
         key.proto = 0;
         key.port = [0, 0];
-        // SAFETY: as above.
-        if let Some(v) = unsafe { POLICY.get(&key) } {
-            return Some(v.rule_set);
+        if let Some(rule_set) = hashed(&key) {
+            return Some(rule_set);
         }
     }
     None
+}
+
+/// The rule set of an `NP_POLICY` entry.
+#[inline(always)]
+fn hashed(key: &PolicyKey) -> Option<u32> {
+    // SAFETY: plain-data value, read once.
+    unsafe { POLICY.get(key) }.map(|v| v.rule_set)
 }

@@ -121,9 +121,9 @@ fn write_hash<K: aya::Pod + Ord, V: aya::Pod>(
     pins: &PinDir,
     name: &'static str,
     upsert: &BTreeMap<K, V>,
-    remove: &BTreeMap<K, V>,
+    remove: Option<&BTreeMap<K, V>>,
 ) -> Result<(), DataplaneError> {
-    if upsert.is_empty() && remove.is_empty() {
+    if upsert.is_empty() && remove.is_none_or(BTreeMap::is_empty) {
         return Ok(());
     }
     let mut map = hash::<K, V>(pins, name)?;
@@ -131,7 +131,7 @@ fn write_hash<K: aya::Pod + Ord, V: aya::Pod>(
     for (key, value) in upsert {
         map.insert(key, value, 0).map_err(&err)?;
     }
-    for key in remove.keys() {
+    for key in remove.into_iter().flat_map(BTreeMap::keys) {
         map.remove(key).map_err(&err)?;
     }
     Ok(())
@@ -199,19 +199,23 @@ fn close_changing_endpoints(
 /// removed before them.
 pub fn write(pins: &PinDir, diff: &MapDiff) -> Result<(), DataplaneError> {
     let (up, rm) = (&diff.upsert, &diff.remove);
-    let none = BTreeMap::new();
     let (up_hashed, up_ranges) = split_policy(&up.policy);
     let (rm_hashed, rm_ranges) = split_policy(&rm.policy);
-    write_hash(pins, map_name::POLICY, &up_hashed, &BTreeMap::new())?;
+    write_hash(pins, map_name::POLICY, &up_hashed, None)?;
     write_lpm(pins, map_name::PORT_RANGES, &up_ranges, None)?;
     write_lpm(pins, map_name::CIDR, &up.cidr, None)?;
-    write_hash(pins, map_name::CLASSES, &up.classes, &none)?;
-    write_hash(pins, map_name::IPCACHE, &up.ipcache, &BTreeMap::new())?;
-    write_hash(pins, map_name::SERVICES, &up.services, &rm.services)?;
+    write_hash(pins, map_name::CLASSES, &up.classes, None)?;
+    write_hash(pins, map_name::IPCACHE, &up.ipcache, None)?;
+    write_hash(pins, map_name::SERVICES, &up.services, Some(&rm.services))?;
     close_changing_endpoints(pins, &up.endpoints)?;
-    write_hash(pins, map_name::ENDPOINTS, &up.endpoints, &rm.endpoints)?;
-    write_hash(pins, map_name::IPCACHE, &BTreeMap::new(), &rm.ipcache)?;
-    write_hash(pins, map_name::CLASSES, &none, &rm.classes)?;
+    write_hash(
+        pins,
+        map_name::ENDPOINTS,
+        &up.endpoints,
+        Some(&rm.endpoints),
+    )?;
+    write_hash(pins, map_name::IPCACHE, &BTreeMap::new(), Some(&rm.ipcache))?;
+    write_hash(pins, map_name::CLASSES, &BTreeMap::new(), Some(&rm.classes))?;
     write_lpm(pins, map_name::CIDR, &BTreeMap::new(), Some(&rm.cidr))?;
     write_lpm(
         pins,
@@ -219,7 +223,7 @@ pub fn write(pins: &PinDir, diff: &MapDiff) -> Result<(), DataplaneError> {
         &BTreeMap::new(),
         Some(&rm_ranges),
     )?;
-    write_hash(pins, map_name::POLICY, &BTreeMap::new(), &rm_hashed)?;
+    write_hash(pins, map_name::POLICY, &BTreeMap::new(), Some(&rm_hashed))?;
     Ok(())
 }
 
