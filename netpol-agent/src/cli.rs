@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::dataplane::{PinDir, BPFFS};
+use crate::dataplane::{HostRouting, PinDir, BPFFS};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,6 +94,12 @@ pub struct DatapathArgs {
     /// their next packet. Without it a policy change applies to new connections only.
     #[arg(long)]
     pub flush_denied: bool,
+    /// How traffic between two pods of this node is carried once policy passed it: `bpf`
+    /// delivers it from veth to veth (both pods' policies judged in one program run, the
+    /// node's IP stack skipped); `kernel` leaves every packet to the node's routing. Flows
+    /// to ClusterIPs take the node's stack either way (kube-proxy's NAT).
+    #[arg(long, value_enum, default_value_t = HostRouting::Bpf)]
+    pub host_routing: HostRouting,
 }
 
 impl RunArgs {

@@ -390,6 +390,9 @@ pub struct FlowDump {
     pub expires_in_s: i64,
     /// The rule set that allowed the opening packet (0: not isolated, or from the node).
     pub rule_set: u32,
+    /// How the flow's packets travel: `bpf:<pod>` (BPF host routing to that local pod, or its
+    /// interface index when unnamed) or `kernel` (the node's IP stack).
+    pub route: String,
 }
 
 pub use crate::dataplane::maps::monotonic_ns;
@@ -442,6 +445,13 @@ pub fn collect_conntrack(
                 },
                 expires_in_s: (value.expires as i64 - now) / 1_000_000_000,
                 rule_set: value.rule_set,
+                route: match value.route {
+                    0 => "kernel".to_string(),
+                    ifindex => match names.endpoints.get(&ifindex) {
+                        Some(pod) => format!("bpf:{pod}"),
+                        None => format!("bpf:if{ifindex}"),
+                    },
+                },
             })
         })
         .collect();
@@ -455,13 +465,13 @@ pub fn render_conntrack(flows: &[FlowDump]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>8}",
+        "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>8}  ROUTE",
         "POD", "OPENED", "PROTO", "SOURCE", "DESTINATION", "STATE", "TTL(s)", "RULESET"
     );
     for f in flows {
         let _ = writeln!(
             s,
-            "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>8}",
+            "{:<28} {:<8} {:<7} {:<24} {:<24} {:<12} {:>8} {:>8}  {}",
             f.pod.as_deref().unwrap_or("<unknown>"),
             f.direction,
             f.protocol,
@@ -469,7 +479,8 @@ pub fn render_conntrack(flows: &[FlowDump]) -> String {
             f.destination,
             f.state,
             f.expires_in_s,
-            f.rule_set
+            f.rule_set,
+            f.route
         );
     }
     let _ = writeln!(s, "{} flow(s)", flows.len());

@@ -141,6 +141,7 @@ pub(crate) fn load_dataplane(
     let pins = node.pins();
     let opts = dataplane::LoadOptions {
         conntrack_entries: Some(datapath.conntrack_entries),
+        host_routing: datapath.host_routing,
     };
     let dp = dataplane::Dataplane::load_with(&pins, &opts).context("loading the dataplane")?;
     let size = dataplane::maps::capacity(&pins, netpol_common::map_name::CONNTRACK)?;

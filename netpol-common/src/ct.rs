@@ -93,6 +93,11 @@ pub struct CtValue {
     pub _pad: u16,
     /// Rule set that allowed the opening packet (0: not isolated or from host).
     pub rule_set: u32,
+    /// BPF host routing: the host-side ifindex of the local pod at the other end, when the
+    /// opening packet went straight from pod to pod (so no NAT of the node applies to the
+    /// flow). 0: the node's IP stack carries the flow's packets.
+    pub route: u32,
+    pub _pad2: u32,
 }
 
 impl CtValue {
@@ -112,5 +117,5 @@ impl CtValue {
 // entry about once a second (`REFRESH_SLACK`), or when its TCP state changes.
 const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 44);
-    assert!(core::mem::size_of::<CtValue>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 24);
 };

@@ -25,8 +25,9 @@ pub mod map_name {
     pub const COUNTERS: &str = "NP_COUNTERS";
     pub const SERVICES: &str = "NP_SERVICES";
     pub const FRAGMENTS: &str = "NP_FRAGS";
+    pub const CONFIG: &str = "NP_CONFIG";
     /// Every map the agent owns, in the order `dump` and `reset` walk them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         ENDPOINTS,
         IPCACHE,
         CIDR,
@@ -37,6 +38,7 @@ pub mod map_name {
         CONNTRACK,
         FRAGMENTS,
         COUNTERS,
+        CONFIG,
     ];
 }
 
@@ -288,6 +290,17 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// `NP_CONFIG`'s one value (an array of 1): how the agent set the datapath up. All zero, as a
+/// new map is before the agent writes it, is the conservative setting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// 1: BPF host routing between the node's pods (`--host-routing bpf`); 0: the node's IP
+    /// stack carries every packet.
+    pub host_routing: u32,
+    pub _pad: u32,
+}
+
 /// Index of a (direction, reason) counter in `NP_COUNTERS`.
 pub const fn counter_index(dir: Direction, reason: Reason) -> u32 {
     (dir as u32) * Reason::SLOTS + reason as u32
@@ -306,6 +319,7 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyValue>() == 8);
     assert!(core::mem::size_of::<ClassValue>() == 8);
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<Config>() == 8);
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 8);
     assert!(core::mem::size_of::<FragKey>() == 44);
@@ -326,6 +340,7 @@ mod pod {
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for ClassValue {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for FragKey {}

@@ -12,10 +12,15 @@ use crate::{
     parse::{Inner, Packet, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
+/// A lookup's answer; `route` is the entry's (see `CtValue::route`).
 pub enum Hit {
     /// Same direction as the packet that opened the flow.
-    Established,
-    Reply,
+    Established {
+        route: u32,
+    },
+    Reply {
+        route: u32,
+    },
     Miss,
 }
 
@@ -70,18 +75,19 @@ pub fn lookup(key: &CtKey, dir: Direction, pkt: &Packet) -> Hit {
     }
     let reply = entry.dir != dir as u8;
     refresh(entry, pkt, reply, now);
+    let route = entry.route;
     if reply {
-        Hit::Reply
+        Hit::Reply { route }
     } else {
-        Hit::Established
+        Hit::Established { route }
     }
 }
 
-/// Whether an ICMP error quoting `inner` is about a live flow of this endpoint. The quote is
-/// the packet that caused the error, as its sender sent it: an error delivered to the pod quotes
-/// what the pod sent; an error the pod sends quotes what it received. Either way one lookup, pod
-/// side first.
-pub fn related(ifindex: u32, dir: Direction, inner: &Inner) -> bool {
+/// The route of the live flow of this endpoint an ICMP error quoting `inner` is about, if there
+/// is one. The quote is the packet that caused the error, as its sender sent it: an error
+/// delivered to the pod quotes what the pod sent; an error the pod sends quotes what it
+/// received. Either way one lookup, pod side first.
+pub fn related(ifindex: u32, dir: Direction, inner: &Inner) -> Option<u32> {
     // The quote travelled the other way: the pod sent it when the error comes in, and the error
     // goes out about what the pod received.
     let key = pod_first(
@@ -92,14 +98,18 @@ pub fn related(ifindex: u32, dir: Direction, inner: &Inner) -> bool {
         (inner.dst, inner.dport),
     );
     // SAFETY: plain-data value, read once.
-    match unsafe { CONNTRACK.get(&key) } {
-        Some(entry) => entry.expires > now(),
-        None => false,
-    }
+    let entry = unsafe { CONNTRACK.get(&key) }?;
+    (entry.expires > now()).then_some(entry.route)
 }
 
-/// Tracks a new flow that policy allowed.
-pub fn create(key: &CtKey, dir: Direction, pkt: &Packet, rule_set: u32) -> Result<(), Reason> {
+/// Tracks a new flow that policy allowed; `route` as in `CtValue`.
+pub fn create(
+    key: &CtKey,
+    dir: Direction,
+    pkt: &Packet,
+    rule_set: u32,
+    route: u32,
+) -> Result<(), Reason> {
     let now = now();
     let (state, life) = if pkt.proto != IPPROTO_TCP {
         (tcp_state::OTHER, lifetime::NON_TCP)
@@ -117,6 +127,8 @@ pub fn create(key: &CtKey, dir: Direction, pkt: &Packet, rule_set: u32) -> Resul
         state,
         _pad: 0,
         rule_set,
+        route,
+        _pad2: 0,
     };
     CONNTRACK
         .insert(key, value, 0)

@@ -11,6 +11,7 @@ mod fragments;
 mod maps;
 mod parse;
 mod policy;
+mod route;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use netpol_common::Direction;

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use netpol_common::{
     capacity,
     ct::{CtKey, CtValue},
-    CidrKey, CidrValue, ClassValue, Counter, EndpointInfo, FragKey, FragValue, IpcacheKey,
+    CidrKey, CidrValue, ClassValue, Config, Counter, EndpointInfo, FragKey, FragValue, IpcacheKey,
     IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, COUNTER_SLOTS,
 };
 
@@ -47,6 +47,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capaci
 /// Tracked flows per endpoint.
 #[map(name = "NP_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// How the agent set the datapath up (one entry).
+#[map(name = "NP_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// Packets and bytes per (direction, reason).
 #[map(name = "NP_COUNTERS")]

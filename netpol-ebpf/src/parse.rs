@@ -6,7 +6,7 @@
 use aya_ebpf::programs::TcContext;
 use netpol_common::{ipv4_mapped, Addr, Reason};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ARP: u16 = 0x0806;
@@ -42,6 +42,10 @@ pub enum Fragment {
 pub struct Packet {
     pub src: Addr,
     pub dst: Addr,
+    /// IPv4 (the addresses are mapped), else IPv6.
+    pub ipv4: bool,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
     pub proto: u8,
     pub sport: [u8; 2],
     pub dport: [u8; 2],
@@ -118,6 +122,8 @@ fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     };
     pkt.src = ipv4_mapped([h[12], h[13], h[14], h[15]]);
     pkt.dst = ipv4_mapped([h[16], h[17], h[18], h[19]]);
+    pkt.ipv4 = true;
+    pkt.ttl = h[8];
     pkt.proto = h[9];
     pkt.fragment = fragment;
     pkt.frag_id = u32::from(u16::from_be_bytes([h[4], h[5]]));
@@ -133,6 +139,7 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
         return Err(Reason::Malformed);
     }
     let mut next = h[6];
+    pkt.ttl = h[7];
     pkt.src = load(ctx, ETH_HLEN + 8)?;
     pkt.dst = load(ctx, ETH_HLEN + 24)?;
     let mut offset = ETH_HLEN + IPV6_HLEN;

@@ -6,7 +6,10 @@
 //!   pods' veths, as netpol attaches its own: what attaching any TC program costs here, the
 //!   floor under netpol's figures;
 //! - netpol: the release agent applies a 1,000-rule ingress policy on `server` and a 1,000-rule
-//!   egress policy on `client`, each allowing the other pod only in its last rule;
+//!   egress policy on `client`, each allowing the other pod only in its last rule, with its
+//!   default BPF host routing (client to server in one program run, past the node's stack);
+//! - netpol, kernel routing (slices only): the same with `--host-routing kernel`, every packet
+//!   through the node's stack and both pods' programs, as without netpol;
 //! - iptables+ipset: the same rules written the way kube-router writes them, in the node's
 //!   network namespace: one ipset per rule peer; in FORWARD, RELATED,ESTABLISHED accepted first,
 //!   then a chain per pod and direction with the rules in order and a final DROP.
@@ -23,9 +26,9 @@
 //! cost per transaction and per connection (the counters slow every run a little).
 //!
 //! Then interleaved slices, for the ratio to "no program" (see `slices`): request/response and
-//! connections for `NETPOL_E2E_SLICE_MS` (default 1000) in each of no program, empty program
-//! and netpol, taking turns `NETPOL_E2E_SLICES` times (default 15; 0 skips them, as
-//! `NETPOL_E2E_ROUNDS=0` skips the rounds): about 2.5 minutes.
+//! connections for `NETPOL_E2E_SLICE_MS` (default 1000) in each of no program, empty program,
+//! netpol and netpol with kernel routing, taking turns `NETPOL_E2E_SLICES` times (default 15;
+//! 0 skips them, as `NETPOL_E2E_ROUNDS=0` skips the rounds): about 3.5 minutes.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -89,9 +92,11 @@ enum Mode {
     EmptyProgram,
     Netpol,
     Iptables,
+    NetpolKernelRouting,
 }
 
 impl Mode {
+    /// The modes of the rounds.
     const ALL: [Mode; 4] = [
         Mode::NoProgram,
         Mode::EmptyProgram,
@@ -105,11 +110,19 @@ impl Mode {
             Mode::EmptyProgram => "empty program",
             Mode::Netpol => "netpol",
             Mode::Iptables => "iptables+ipset",
+            Mode::NetpolKernelRouting => "netpol, kernel routing",
         }
     }
 
     fn enforces(self) -> bool {
-        matches!(self, Mode::Netpol | Mode::Iptables)
+        matches!(
+            self,
+            Mode::Netpol | Mode::NetpolKernelRouting | Mode::Iptables
+        )
+    }
+
+    fn is_netpol(self) -> bool {
+        matches!(self, Mode::Netpol | Mode::NetpolKernelRouting)
     }
 }
 
@@ -170,6 +183,11 @@ impl Modes<'_> {
             Mode::Netpol => {
                 self.agent.apply().expect("netpol-agent apply");
             }
+            Mode::NetpolKernelRouting => {
+                self.agent
+                    .apply_with(&["--host-routing", "kernel"])
+                    .expect("netpol-agent apply --host-routing kernel");
+            }
             Mode::Iptables => {
                 node_run(self.lab, "ipset", &["restore"], &self.netfilter.ipsets);
                 node_run(self.lab, "iptables-nft-restore", &[], &self.netfilter.rules);
@@ -186,7 +204,7 @@ impl Modes<'_> {
                 drop(self.empty.borrow_mut().take());
                 dataplane::reset(&self.empty_pins()).expect("removing the empty program's pins");
             }
-            Mode::Netpol => {
+            Mode::Netpol | Mode::NetpolKernelRouting => {
                 self.agent.reset().expect("netpol-agent reset");
             }
             Mode::Iptables => {
@@ -571,13 +589,18 @@ fn main() {
 }
 
 /// The modes without netfilter, in the order a group of slices takes them (rotated by group).
-const SLICE_MODES: [Mode; 3] = [Mode::NoProgram, Mode::EmptyProgram, Mode::Netpol];
+const SLICE_MODES: [Mode; 4] = [
+    Mode::NoProgram,
+    Mode::EmptyProgram,
+    Mode::Netpol,
+    Mode::NetpolKernelRouting,
+];
 
 /// Interleaved slices: the ratios to "no program" with the VM's drift taken out. This VM's
 /// speed moves by ±30 % over seconds (a shared host), more than the effect measured, so a
 /// round of several seconds per mode leaves each ratio at the mercy of when it ran. Here the
-/// three modes without netfilter take turns in short slices (request/response, then
-/// connections, in each), and each ratio is taken within a group of three adjacent slices;
+/// modes without netfilter take turns in short slices (request/response, then
+/// connections, in each), and each ratio is taken within a group of adjacent slices;
 /// the figure is the median over groups. Every switch is the real one: `netpol-agent apply`
 /// and `reset`, attaching and detaching the empty program. After each switch the machine
 /// settles before the clock starts, so the agent's own work is not measured.
@@ -607,7 +630,7 @@ fn slices(modes: &Modes, servers: &BenchServers, count: usize, slice: Duration) 
             let connections = servers
                 .connection_rate(client, SocketAddr::new(server_ip, EXCHANGE_PORT), slice)
                 .unwrap_or_else(|e| panic!("connections: {e:#}"));
-            if mode == Mode::Netpol {
+            if mode.is_netpol() {
                 modes.check_netpol_attached();
             }
             modes.check_conntrack(mode);
@@ -636,11 +659,16 @@ fn slices(modes: &Modes, servers: &BenchServers, count: usize, slice: Duration) 
         );
         format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max)
     };
-    let (none, empty, netpol) = (0, 1, 2);
+    let (none, empty, netpol, kernel_routed) = (0, 1, 2, 3);
     println!(
-        "{:<27} {:>20} {:>20} {:>20}",
-        "median over groups (range)", "netpol/no program", "empty/no program", "netpol/empty"
+        "{:<27} {:>20} {:>22} {:>20} {:>20}",
+        "median over groups (range)",
+        "netpol/no program",
+        "netpol kernel-routed/",
+        "empty/no program",
+        "netpol/empty"
     );
+    println!("{:<27} {:>20} {:>22}", "", "", "no program");
     for (name, which) in [
         (
             "request/response",
@@ -649,8 +677,9 @@ fn slices(modes: &Modes, servers: &BenchServers, count: usize, slice: Duration) 
         ("new connections", |f: &(f64, f64)| f.1),
     ] {
         println!(
-            "{name:<27} {:>20} {:>20} {:>20}",
+            "{name:<27} {:>20} {:>22} {:>20} {:>20}",
             ratio(netpol, none, which),
+            ratio(kernel_routed, none, which),
             ratio(empty, none, which),
             ratio(netpol, empty, which)
         );

@@ -186,8 +186,15 @@ impl<'a> Agent<'a> {
 
     /// `apply --manifests <dir>`; fails unless the agent exits 0.
     pub fn apply(&self) -> Result<String> {
+        self.apply_with(&[])
+    }
+
+    /// `apply --manifests <dir>` with extra flags (e.g. `--host-routing kernel`).
+    pub fn apply_with(&self, extra: &[&str]) -> Result<String> {
         let dir = self.manifests.to_string_lossy().into_owned();
-        let out = self.command("apply", &["--manifests", &dir])?;
+        let mut args = vec!["--manifests", dir.as_str()];
+        args.extend_from_slice(extra);
+        let out = self.command("apply", &args)?;
         if !out.status.success() {
             bail!(
                 "netpol-agent apply failed ({}): {}",

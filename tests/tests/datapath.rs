@@ -640,3 +640,169 @@ fn root_two_nodes_enforce_ingress_and_egress_across_nodes() {
     pods.sort();
     assert_eq!(pods, ["app/client", "app/frontend"], "node-a's endpoints");
 }
+
+/// `PODS` with a Service in front of b's port 8080.
+fn pods_with_service() -> String {
+    format!(
+        "{PODS}---\n{}",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: b-svc, namespace: t}
+spec:
+  selector: {role: b}
+  ports: [{port: 80, targetPort: 8080}]
+"#
+    )
+}
+
+/// Packets the node transmitted on `pod`'s host-side interface (towards the pod).
+fn host_tx_packets(lab: &Lab, agent: &Agent, pod: &str) -> u64 {
+    let dump = agent.dump_json().unwrap();
+    let interface = dump["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["pod"] == pod)
+        .and_then(|e| e["interface"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("{pod} has an interface in the dump: {dump}"));
+    let out = lab
+        .node_command("ip")
+        .args(["-s", "-j", "link", "show", "dev", &interface])
+        .output()
+        .expect("ip -s link runs in the node");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ip -s -j link printed no JSON ({e}): {out:?}"));
+    links[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tx packets for {interface}: {links}"))
+}
+
+/// The `route` of `pod`'s tracked TCP flows that match `matches`.
+fn routes(agent: &Agent, pod: &str, matches: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
+    let out = agent
+        .command("dump", &["conntrack", "--pod", pod, "-o", "json"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .filter(|f| f["protocol"] == "TCP" && matches(f))
+        .map(|f| f["route"].as_str().expect("route").to_string())
+        .collect()
+}
+
+/// `ping -c 1` from `from` to `to`; the TTL of the reply.
+fn ping_ttl(lab: &Lab, from: (&str, &str), to: IpAddr) -> String {
+    let pod = lab.pod(from.0, from.1).expect("pod");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "ping", "-c", "1", "-W", "1"])
+        .arg(to.to_string())
+        .output()
+        .expect("ping runs in the pod");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("ttl="))
+        .unwrap_or_else(|| panic!("ping {to} from {from:?} got a reply: {text}"))
+        .to_string()
+}
+
+/// Echoes `n` lines on a new connection from a to `to`; panics unless every one comes back.
+fn echo_n(lab: &Lab, to: IpAddr, port: u16, n: usize) -> std::net::TcpStream {
+    let mut stream = lab.open_tcp(("t", "a"), to, port).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for i in 0..n {
+        assert!(echo(&mut stream, &mut reader), "echo {i} to {to}:{port}");
+    }
+    stream
+}
+
+#[test]
+fn root_bpf_host_routing_carries_pod_to_pod_flows_past_the_node_stack() {
+    const LINES: usize = 50;
+    let lab = start(
+        &pods_with_service(),
+        LabOptions {
+            probe_timeout: Duration::from_millis(700),
+            ..Default::default()
+        },
+    );
+    let agent = Agent::new(&lab).unwrap();
+    agent.set_policies(&[("b", ALLOW_A_TO_B)]).unwrap();
+    agent.apply().unwrap();
+    let b: IpAddr = lab.pod_ip("t", "b");
+
+    // Pod to pod: judged by both pods' policies in a's run, then straight into b's namespace.
+    // The node never transmits the flow's packets on b's host-side interface.
+    let before = host_tx_packets(&lab, &agent, "t/b");
+    let _direct = echo_n(&lab, b, 8080, LINES);
+    let sent = host_tx_packets(&lab, &agent, "t/b") - before;
+    assert!(
+        sent < 5,
+        "{LINES} echoes to b passed b's host interface {sent} times: not routed by BPF"
+    );
+    let to_b = |f: &serde_json::Value| f["destination"] == format!("{b}:8080").as_str();
+    assert_eq!(
+        routes(&agent, "t/a", to_b),
+        ["bpf:t/b"],
+        "a's entry routes to b"
+    );
+    assert_eq!(
+        routes(&agent, "t/b", to_b),
+        ["bpf:t/a"],
+        "b's entry routes replies to a"
+    );
+    assert_eq!(
+        ping_ttl(&lab, ("t", "a"), b),
+        "63",
+        "the BPF route is one hop, as the node's: TTL 64 less one"
+    );
+    // b's ingress policy still decides, in c's run.
+    let denied = counter(&agent.dump_json().unwrap(), "ingress", "denied-by-policy");
+    assert_eq!(
+        lab.probe(&Probe::tcp(("t", "c"), b, 8080)),
+        ProbeOutcome::TimedOut,
+        "b's ingress policy denies c"
+    );
+    assert!(
+        counter(&agent.dump_json().unwrap(), "ingress", "denied-by-policy") > denied,
+        "and counts the drop"
+    );
+
+    // To a ClusterIP: the node's stack (kube-proxy's DNAT, then the reverse on the replies).
+    let svc = lab.service_ip("t", "b-svc");
+    let _via_service = echo_n(&lab, svc, 80, 3);
+    let to_svc = |f: &serde_json::Value| f["destination"] == format!("{svc}:80").as_str();
+    assert_eq!(
+        routes(&agent, "t/a", to_svc),
+        ["kernel"],
+        "a's entry to the Service"
+    );
+    let from_a_via_svc = |f: &serde_json::Value| {
+        f["destination"] == format!("{b}:8080").as_str() && f["direction"] == "ingress"
+    };
+    assert!(
+        routes(&agent, "t/b", from_a_via_svc).contains(&"kernel".to_string()),
+        "b's entry for the translated flow leaves its replies to the stack"
+    );
+
+    // --host-routing kernel: every packet through the node's stack again.
+    agent.apply_with(&["--host-routing", "kernel"]).unwrap();
+    let before = host_tx_packets(&lab, &agent, "t/b");
+    let _kernel = echo_n(&lab, b, 8080, LINES);
+    let sent = host_tx_packets(&lab, &agent, "t/b") - before;
+    assert!(
+        sent >= LINES as u64,
+        "with kernel routing the node sends the {LINES} echoes out b's host interface ({sent})"
+    );
+    assert_eq!(ping_ttl(&lab, ("t", "a"), b), "63");
+}

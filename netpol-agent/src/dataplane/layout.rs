@@ -15,7 +15,7 @@ use std::{fs, mem::size_of};
 use aya::maps::{MapData, MapType};
 use netpol_common::{
     ct::{CtKey, CtValue},
-    map_name, CidrKey, CidrValue, ClassValue, Counter, EndpointInfo, FragKey, FragValue,
+    map_name, CidrKey, CidrValue, ClassValue, Config, Counter, EndpointInfo, FragKey, FragValue,
     IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
 };
 
@@ -77,6 +77,7 @@ pub fn expected(name: &str) -> Option<Layout> {
         ),
         map_name::CONNTRACK => layout(MapType::LruHash, size_of::<CtKey>(), size_of::<CtValue>()),
         map_name::COUNTERS => layout(MapType::PerCpuArray, 4, size_of::<Counter>()),
+        map_name::CONFIG => layout(MapType::Array, 4, size_of::<Config>()),
         _ => return None,
     };
     Some(l)
@@ -143,6 +144,6 @@ mod tests {
             assert!(l.key_size > 0 && l.value_size > 0, "{name}: {l:?}");
         }
         assert_eq!(expected("NP_NOPE"), None);
-        assert_eq!(expected(map_name::CONNTRACK).unwrap().value_size, 16);
+        assert_eq!(expected(map_name::CONNTRACK).unwrap().value_size, 24);
     }
 }

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray,
 };
 use netpol_common::{
     counter_index,
     ct::{CtKey, CtValue},
-    map_name, policy_prefix, ClassValue, Counter, Direction, EndpointInfo, FragKey, FragValue,
-    IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceValue,
+    map_name, policy_prefix, ClassValue, Config, Counter, Direction, EndpointInfo, FragKey,
+    FragValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceValue,
 };
 
 use super::{DataplaneError, PinDir};
@@ -236,6 +236,23 @@ pub fn write_endpoint(
     let mut map = hash::<u32, EndpointInfo>(pins, map_name::ENDPOINTS)?;
     map.insert(ifindex, info, 0)
         .map_err(map_err(pins, map_name::ENDPOINTS))
+}
+
+fn config_map(pins: &PinDir) -> Result<Array<MapData, Config>, DataplaneError> {
+    Array::try_from(open(pins, map_name::CONFIG)?).map_err(map_err(pins, map_name::CONFIG))
+}
+
+/// How the datapath is set up (`NP_CONFIG`).
+pub fn config(pins: &PinDir) -> Result<Config, DataplaneError> {
+    config_map(pins)?
+        .get(&0, 0)
+        .map_err(map_err(pins, map_name::CONFIG))
+}
+
+pub fn write_config(pins: &PinDir, config: &Config) -> Result<(), DataplaneError> {
+    config_map(pins)?
+        .set(0, config, 0)
+        .map_err(map_err(pins, map_name::CONFIG))
 }
 
 /// Packets and bytes per (direction, reason), summed over CPUs. Zero slots are left out.

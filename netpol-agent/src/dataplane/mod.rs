@@ -137,6 +137,18 @@ fn check_bpffs(path: &Path) -> Result<(), DataplaneError> {
 pub struct LoadOptions {
     /// `NP_CT` entries (default `capacity::CONNTRACK`).
     pub conntrack_entries: Option<u32>,
+    pub host_routing: HostRouting,
+}
+
+/// How packets between two pods of the node are carried once policy passed them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// Straight from the sender's veth into the receiver's namespace, both policies judged in
+    /// one program run (`bpf_redirect_peer`); flows to ClusterIPs still take the node's stack.
+    #[default]
+    Bpf,
+    /// Every packet through the node's IP stack (routing, netfilter), as without netpol.
+    Kernel,
 }
 
 /// The loaded programs, with the node's maps created or adopted from their pins.
@@ -196,6 +208,13 @@ impl Dataplane {
                     source: Box::new(source),
                 })?;
         }
+        // Applies at the next packet: a flow routed by BPF goes back to the stack when the
+        // setting is `kernel`; flows opened under `kernel` stay with the stack.
+        let config = netpol_common::Config {
+            host_routing: u32::from(opts.host_routing == HostRouting::Bpf),
+            _pad: 0,
+        };
+        maps::write_config(pins, &config)?;
         Ok(Self {
             ebpf,
             pins: pins.clone(),
