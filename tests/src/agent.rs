@@ -231,6 +231,22 @@ impl<'a> Agent<'a> {
         serde_json::from_slice(&out.stdout).context("parsing dump -o json")
     }
 
+    /// `dump conntrack -o json`, for one pod (`ns/name`) or all.
+    pub fn conntrack_json(&self, pod: Option<&str>) -> Result<serde_json::Value> {
+        let mut args = vec!["conntrack", "-o", "json"];
+        if let Some(pod) = pod {
+            args.extend(["--pod", pod]);
+        }
+        let out = self.command("dump", &args)?;
+        if !out.status.success() {
+            bail!(
+                "netpol-agent dump conntrack failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing dump conntrack -o json")
+    }
+
     pub fn reset(&self) -> Result<String> {
         let out = self.command("reset", &[])?;
         if !out.status.success() {

@@ -384,18 +384,25 @@ spec:
   podSelector: {matchLabels: {role: b}}
 "#;
 
-#[test]
-fn root_policy_change_keeps_established_flows_unless_flushed() {
-    let lab = start(
-        PODS,
-        LabOptions {
-            probe_timeout: Duration::from_millis(700),
-            ..Default::default()
-        },
-    );
-    let agent = Agent::new(&lab).unwrap();
+/// Lab options with a probe timeout short enough for many probes.
+fn quick_probes() -> LabOptions {
+    LabOptions {
+        probe_timeout: Duration::from_millis(700),
+        ..Default::default()
+    }
+}
+
+/// Programs `ALLOW_A_TO_B` (b admits a only).
+fn admit_a_at_b(agent: &Agent) {
     agent.set_policies(&[("b", ALLOW_A_TO_B)]).unwrap();
     agent.apply().unwrap();
+}
+
+#[test]
+fn root_policy_change_keeps_established_flows_unless_flushed() {
+    let lab = start(PODS, quick_probes());
+    let agent = Agent::new(&lab).unwrap();
+    admit_a_at_b(&agent);
     let b: IpAddr = lab.pod_ip("t", "b");
     let mut stream = lab.open_tcp(("t", "a"), b, 8080).unwrap();
     stream
@@ -436,8 +443,7 @@ fn root_policy_change_keeps_established_flows_unless_flushed() {
         !echo(&mut stream, &mut reader),
         "a flushed, denied connection no longer passes"
     );
-    let flows = agent.command("dump", &["conntrack", "-o", "json"]).unwrap();
-    let flows: serde_json::Value = serde_json::from_slice(&flows.stdout).unwrap();
+    let flows = agent.conntrack_json(None).unwrap();
     let to_b = flows["flows"]
         .as_array()
         .unwrap()
@@ -680,15 +686,7 @@ fn host_tx_packets(lab: &Lab, agent: &Agent, pod: &str) -> u64 {
 
 /// The `route` of `pod`'s tracked TCP flows that match `matches`.
 fn routes(agent: &Agent, pod: &str, matches: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
-    let out = agent
-        .command("dump", &["conntrack", "--pod", pod, "-o", "json"])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = agent.conntrack_json(Some(pod)).unwrap();
     json["flows"]
         .as_array()
         .expect("flows")
@@ -729,16 +727,9 @@ fn echo_n(lab: &Lab, to: IpAddr, port: u16, n: usize) -> std::net::TcpStream {
 #[test]
 fn root_bpf_host_routing_carries_pod_to_pod_flows_past_the_node_stack() {
     const LINES: usize = 50;
-    let lab = start(
-        &pods_with_service(),
-        LabOptions {
-            probe_timeout: Duration::from_millis(700),
-            ..Default::default()
-        },
-    );
+    let lab = start(&pods_with_service(), quick_probes());
     let agent = Agent::new(&lab).unwrap();
-    agent.set_policies(&[("b", ALLOW_A_TO_B)]).unwrap();
-    agent.apply().unwrap();
+    admit_a_at_b(&agent);
     let b: IpAddr = lab.pod_ip("t", "b");
 
     // Pod to pod: judged by both pods' policies in a's run, then straight into b's namespace.

@@ -517,15 +517,7 @@ fn root_dump_conntrack_shows_a_pods_flows() {
         .open_tcp(("t", "a"), lab.pod_ip("t", "b"), 8080)
         .unwrap();
     writeln!(stream, "hello").unwrap();
-    let out = agent
-        .command("dump", &["conntrack", "--pod", "t/a", "-o", "json"])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = agent.conntrack_json(Some("t/a")).unwrap();
     let flows = json["flows"].as_array().expect("flows");
     let b = format!("{}:8080", lab.pod_ip("t", "b"));
     let flow = flows
