@@ -62,7 +62,7 @@ pub(crate) fn load_snapshot(
     let fatal = errors.iter().filter(|e| e.is_fatal()).count();
     for e in &errors {
         if e.is_fatal() {
-            error!("{}", chain(e));
+            error!("{}", netpol_agent::error_chain(e));
         } else {
             warn!("{e} (fails closed: the policy isolates what it selects and allows nothing)");
         }
@@ -77,18 +77,6 @@ pub(crate) fn load_snapshot(
         );
     }
     Ok(snapshot)
-}
-
-/// An error and its sources, on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 fn apply(args: &ApplyArgs) -> anyhow::Result<()> {

@@ -100,25 +100,13 @@ pub fn main() -> ExitCode {
                 "cniVersion": version,
                 "code": e.code(),
                 "msg": e.to_string(),
-                "details": chain(&e),
+                "details": crate::error_chain(&e),
             });
             println!("{error}");
-            eprintln!("netpol-cni: {}", chain(&e));
+            eprintln!("netpol-cni: {}", crate::error_chain(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// One call: what to print on stdout (`None`: nothing).
@@ -183,7 +171,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, PluginError> {
         Err(e) => eprintln!(
             "netpol-cni: pod {pod} ({}) stays closed (deny all) until the agent's next pass: {}",
             record.interface,
-            chain(&e)
+            crate::error_chain(&e)
         ),
     }
     // A chained plugin's result is its prevResult, in the configuration's version.
